@@ -1,0 +1,54 @@
+// Schemas of the torchjac ops. Each schema is defined here and nowhere else.
+//
+// All ops share one description of a point-wise MLP:
+//   x        (..., d_in)       points; only x is differentiated by the forward ops
+//   cond     (..., c)          per-point condition, same ndim as x, each leading
+//                              dim equal to x's or 1 (broadcast); c may be 0
+//   weights  [W_0 .. W_{L-1}]  W_i has shape (out_i, in_i)
+//   biases   [b_0 .. b_{L-1}]  b_i has shape (out_i,)
+//   activations[i], activation_params[2i:2i+2]
+//                              the activation applied after layer i (codes in
+//                              torchjac/activations.py and csrc/activations.cuh)
+//   skip_layers                layers whose input is cat([h, x, cond]); layer 0
+//                              always reads cat([x, cond])
+//
+// The forward ops return the MLP output y (..., d_out) together with one
+// forward-mode quantity; every forward op has a *_backward op that returns the
+// gradients w.r.t. x, cond, weights, biases (and tangents for jvp).
+#include <torch/library.h>
+
+#ifdef TORCHJAC_PYTHON_MODULE
+#include <Python.h>
+// An empty Python module: importing torchjac._C runs the registrations below.
+static struct PyModuleDef torchjac_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&torchjac_module); }
+#endif
+
+#define TORCHJAC_MLP_ARGS                                                        \
+  "Tensor x, Tensor cond, Tensor[] weights, Tensor[] biases, int[] activations, " \
+  "float[] activation_params, int[] skip_layers"
+
+#define TORCHJAC_GRADS "Tensor grad_x, Tensor grad_cond, Tensor[] grad_weights, Tensor[] grad_biases"
+
+TORCH_LIBRARY(torchjac, m) {
+  // J[..., i, j] = d y_i / d x_j, shape (..., d_out, d_in).
+  m.def("mlp_jacobian(" TORCHJAC_MLP_ARGS ") -> (Tensor y, Tensor jac)");
+  // Trace of J, shape (...). Needs d_out == d_in.
+  m.def("mlp_divergence(" TORCHJAC_MLP_ARGS ") -> (Tensor y, Tensor div)");
+  // tangents (..., k, d_in) -> J v for each of the k tangents, shape (..., k, d_out).
+  m.def("mlp_jvp(" TORCHJAC_MLP_ARGS ", Tensor tangents) -> (Tensor y, Tensor jvp)");
+  // noise (..., S, d_in) -> mean over s of e_s^T J e_s, shape (...). Noise is not differentiated.
+  m.def("mlp_hutchinson(" TORCHJAC_MLP_ARGS ", Tensor noise) -> (Tensor y, Tensor div)");
+
+  m.def("mlp_jacobian_backward(Tensor grad_y, Tensor grad_jac, " TORCHJAC_MLP_ARGS ") -> (" TORCHJAC_GRADS ")");
+  m.def("mlp_divergence_backward(Tensor grad_y, Tensor grad_div, " TORCHJAC_MLP_ARGS ") -> (" TORCHJAC_GRADS ")");
+  m.def("mlp_jvp_backward(Tensor grad_y, Tensor grad_jvp, " TORCHJAC_MLP_ARGS
+        ", Tensor tangents) -> (" TORCHJAC_GRADS ", Tensor grad_tangents)");
+  m.def("mlp_hutchinson_backward(Tensor grad_y, Tensor grad_div, " TORCHJAC_MLP_ARGS
+        ", Tensor noise) -> (" TORCHJAC_GRADS ")");
+
+  // The pure-PyTorch path of any forward op above (mode: "jacobian", "divergence",
+  // "jvp", "hutchinson"; tangents holds the jvp tangents or the noise). Fused
+  // kernels call it for shapes their templates do not cover.
+  m.def("mlp_reference_forward(str mode, " TORCHJAC_MLP_ARGS ", Tensor? tangents) -> (Tensor y, Tensor out)");
+}

@@ -1,0 +1,49 @@
+"""Builds torchjac._C: the op schemas, and the CUDA kernels when CUDA is available.
+
+TORCHJAC_CUDA=1 forces the CUDA build (fails without nvcc), TORCHJAC_CUDA=0 skips it.
+Unset, CUDA is built when torch is a CUDA build and nvcc is found.
+Install with `pip install --no-build-isolation -e .` so the build uses the installed torch.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+
+def want_cuda():
+    forced = os.environ.get("TORCHJAC_CUDA")
+    if forced is not None:
+        return forced not in ("0", "", "false", "False")
+    return cpp_extension.CUDA_HOME is not None and __import__("torch").version.cuda is not None
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    define_macros = [("TORCHJAC_PYTHON_MODULE", None), ("Py_LIMITED_API", "0x03090000")]
+    cxx = ["-O3", "-std=c++17"]
+    if want_cuda():
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        define_macros.append(("TORCHJAC_WITH_CUDA", None))
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        return cpp_extension.CUDAExtension(
+            "torchjac._C", sources, define_macros=define_macros, py_limited_api=True,
+            include_dirs=[os.path.abspath("csrc")],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        )
+    return cpp_extension.CppExtension(
+        "torchjac._C", sources, define_macros=define_macros, py_limited_api=True,
+        include_dirs=[os.path.abspath("csrc")], extra_compile_args={"cxx": cxx},
+    )
+
+
+setup(
+    name="torchjac",
+    version="0.1.0",
+    description="Fast, trainable, compilable per-point Jacobians and divergences of point-wise MLPs",
+    packages=find_packages(include=["torchjac", "torchjac.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    python_requires=">=3.9",
+)

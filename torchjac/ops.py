@@ -1,0 +1,259 @@
+"""Registration of the torchjac ops: pure-PyTorch kernels, fake (shape) functions and autograd.
+
+The schemas live in csrc/ops.cpp. For every mode there is a forward op
+``mlp_<mode>`` and a backward op ``mlp_<mode>_backward``:
+
+- the pure-PyTorch kernels (torchjac/kernels.py) are registered under
+  CompositeExplicitAutograd, so they serve every device that has no fused
+  kernel; fused CUDA kernels register under CUDA and take precedence;
+- the forward op's autograd calls the backward op;
+- the backward op's autograd (double backward) is autograd through the
+  reference reverse pass, torchjac/reference.py.
+"""
+import torch
+
+from . import _C  # noqa: F401  (loads the schemas)
+from . import kernels, reference
+from .kernels import FlatPoints, output_shape
+
+# Extra tensor input of each mode, after the MLP arguments.
+EXTRA_INPUT = {"jacobian": None, "divergence": None, "jvp": "tangents", "hutchinson": "noise"}
+MODES = tuple(EXTRA_INPUT)
+# Only jvp tangents are differentiated; the Hutchinson noise is a constant.
+_DIFFERENTIABLE_EXTRA = {"jvp"}
+
+
+def forward_op(mode):
+    return getattr(torch.ops.torchjac, f"mlp_{mode}").default
+
+
+def backward_op(mode):
+    return getattr(torch.ops.torchjac, f"mlp_{mode}_backward").default
+
+
+def check_mlp_args(op, x, cond, weights, biases, activations, activation_params, skip_layers, extra=None,
+                   mode="jacobian"):
+    """Raise a ValueError naming the argument for any inconsistency of an op's MLP arguments."""
+    def fail(msg):
+        raise ValueError(f"torchjac.{op}: {msg}")
+
+    if x.dim() < 1:
+        fail(f"x: expected shape (..., d_in), got a 0-dim tensor")
+    if cond.dim() != x.dim():
+        fail(f"cond: expected {x.dim()} dims like x (leading dims equal to x's or 1), got shape {tuple(cond.shape)}")
+    for i, (c, n) in enumerate(zip(cond.shape[:-1], x.shape[:-1])):
+        if c != n and c != 1:
+            fail(f"cond: dim {i} is {c}, expected {n} (x's) or 1; x shape {tuple(x.shape)}, "
+                 f"cond shape {tuple(cond.shape)}")
+    n_layers = len(weights)
+    if n_layers == 0:
+        fail("weights: expected at least one layer, got none")
+    if len(biases) != n_layers or len(activations) != n_layers or len(activation_params) != 2 * n_layers:
+        fail(f"expected one bias, one activation and two activation_params per layer for {n_layers} layers, got "
+             f"{len(biases)} biases, {len(activations)} activations, {len(activation_params)} activation_params")
+    for s in skip_layers:
+        if not 0 < s < n_layers:
+            fail(f"skip_layers: expected indices in [1, {n_layers - 1}], got {list(skip_layers)}")
+    d_in, c = x.shape[-1], cond.shape[-1]
+    expected_in = d_in + c
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        if w.dim() != 2:
+            fail(f"weights[{i}]: expected a 2-dim (out, in) tensor, got shape {tuple(w.shape)}")
+        if i in skip_layers:
+            expected_in = expected_in + d_in + c
+        if w.shape[1] != expected_in:
+            fail(f"weights[{i}]: expected {expected_in} input features, got shape {tuple(w.shape)}")
+        if tuple(b.shape) != (w.shape[0],):
+            fail(f"biases[{i}]: expected shape ({w.shape[0]},), got {tuple(b.shape)}")
+        expected_in = w.shape[0]
+    for name, t in [("cond", cond)] + [(f"weights[{i}]", w) for i, w in enumerate(weights)] + \
+            [(f"biases[{i}]", b) for i, b in enumerate(biases)] + ([(EXTRA_INPUT[mode], extra)] if extra is not None else []):
+        if t.dtype != x.dtype:
+            fail(f"{name}: expected dtype {x.dtype} like x, got {t.dtype}")
+        if t.device != x.device:
+            fail(f"{name}: expected device {x.device} like x, got {t.device}")
+    d_out = weights[-1].shape[0]
+    if mode in ("divergence", "hutchinson") and d_out != d_in:
+        fail(f"divergence needs d_out == d_in, got d_in={d_in}, d_out={d_out}")
+    if extra is not None:
+        if extra.dim() != x.dim() + 1 or tuple(extra.shape[:-2]) != tuple(x.shape[:-1]) or extra.shape[-1] != d_in:
+            fail(f"{EXTRA_INPUT[mode]}: expected shape {(*x.shape[:-1], 'k', d_in)}, got {tuple(extra.shape)}")
+
+
+def _check_kernel_dtype(op, x):
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"torchjac.{op}: the pure-PyTorch path supports float32 and float64, got x of dtype "
+                        f"{x.dtype}; convert with x.float() (the model too) or use a fused CUDA kernel")
+
+
+def _register(mode):
+    name, bwd_name = f"mlp_{mode}", f"mlp_{mode}_backward"
+    has_extra = EXTRA_INPUT[mode] is not None
+
+    # ---- forward op
+    def fwd_kernel(x, cond, weights, biases, activations, activation_params, skip_layers, *extra):
+        check_mlp_args(name, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
+        _check_kernel_dtype(name, x)
+        return kernels.forward(mode, x, cond, weights, biases, activations, activation_params, skip_layers, *extra)
+
+    def fwd_fake(x, cond, weights, biases, activations, activation_params, skip_layers, *extra):
+        check_mlp_args(name, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
+        lead, d_out = x.shape[:-1], weights[-1].shape[0]
+        return (x.new_empty((*lead, d_out)),
+                x.new_empty(output_shape(mode, lead, x.shape[-1], d_out, extra[0] if extra else None)))
+
+    def fwd_setup(ctx, inputs, output):
+        x, cond, weights, biases, activations, activation_params, skip_layers, *extra = inputs
+        ctx.n_layers = len(weights)
+        ctx.mlp = (list(activations), list(activation_params), list(skip_layers))
+        ctx.save_for_backward(x, cond, *weights, *biases, *extra)
+
+    def fwd_backward(ctx, grad_y, grad_out):
+        x, cond, *rest = ctx.saved_tensors
+        n = ctx.n_layers
+        weights, biases, extra = rest[:n], rest[n:2 * n], rest[2 * n:]
+        grad_y = torch.zeros_like(_y_like(x, weights)) if grad_y is None else grad_y
+        grads = backward_op(mode)(grad_y, grad_out, x, cond, weights, biases, *ctx.mlp, *extra)
+        result = (grads[0], grads[1], list(grads[2]), list(grads[3]), None, None, None)
+        if has_extra:
+            result += (grads[4] if mode in _DIFFERENTIABLE_EXTRA else None,)
+        return result
+
+    torch.library.impl(f"torchjac::{name}", "CompositeExplicitAutograd")(fwd_kernel)
+    torch.library.register_fake(f"torchjac::{name}")(fwd_fake)
+    torch.library.register_autograd(f"torchjac::{name}", fwd_backward, setup_context=fwd_setup)
+
+    # ---- backward op
+    def bwd_kernel(grad_y, grad_out, x, cond, weights, biases, activations, activation_params, skip_layers, *extra):
+        check_mlp_args(bwd_name, x, cond, weights, biases, activations, activation_params, skip_layers, *extra,
+                       mode=mode)
+        _check_kernel_dtype(bwd_name, x)
+        return kernels.backward(mode, grad_y, grad_out, x, cond, weights, biases, activations, activation_params,
+                                skip_layers, *extra)
+
+    def bwd_fake(grad_y, grad_out, x, cond, weights, biases, activations, activation_params, skip_layers, *extra):
+        check_mlp_args(bwd_name, x, cond, weights, biases, activations, activation_params, skip_layers, *extra,
+                       mode=mode)
+        grads = (torch.empty_like(x), torch.empty_like(cond), [torch.empty_like(w) for w in weights],
+                 [torch.empty_like(b) for b in biases])
+        if mode in _DIFFERENTIABLE_EXTRA:
+            grads += (torch.empty_like(extra[0]),)
+        return grads
+
+    def bwd_setup(ctx, inputs, output):
+        grad_y, grad_out, x, cond, weights, biases, activations, activation_params, skip_layers, *extra = inputs
+        ctx.n_layers = len(weights)
+        ctx.mlp = (list(activations), list(activation_params), list(skip_layers))
+        ctx.save_for_backward(grad_y, grad_out, x, cond, *weights, *biases, *extra)
+
+    def bwd_backward(ctx, gg_x, gg_cond, gg_weights, gg_biases, *gg_extra):
+        grad_y, grad_out, x, cond, *rest = ctx.saved_tensors
+        n = ctx.n_layers
+        weights, biases, extra = list(rest[:n]), list(rest[n:2 * n]), rest[2 * n:]
+        result = double_backward(mode, ctx.mlp, (grad_y, grad_out, x, cond, weights, biases, *extra),
+                                 (gg_x, gg_cond, gg_weights, gg_biases, *gg_extra))
+        gy, gout, gx, gcond, gw, gb, *g_extra = result
+        out = (gy, gout, gx, gcond, gw, gb, None, None, None)
+        if has_extra:
+            out += (g_extra[0] if mode in _DIFFERENTIABLE_EXTRA else None,)
+        return out
+
+    torch.library.impl(f"torchjac::{bwd_name}", "CompositeExplicitAutograd")(bwd_kernel)
+    torch.library.register_fake(f"torchjac::{bwd_name}")(bwd_fake)
+    torch.library.register_autograd(f"torchjac::{bwd_name}", bwd_backward, setup_context=bwd_setup)
+
+
+def _y_like(x, weights):
+    return x.new_empty((*x.shape[:-1], weights[-1].shape[0]))
+
+
+def _dot(a, b):
+    if a is None or b is None:
+        return 0
+    return (a * b).sum()
+
+
+def double_backward(mode, mlp, inputs, cotangents):
+    """VJP of a backward op: autograd through the reference reverse pass, over all points at once."""
+    activations, activation_params, skip_layers = mlp
+    grad_y, grad_out, x, cond, weights, biases, *extra = inputs
+    gg_x, gg_cond, gg_weights, gg_biases, *gg_extra = cotangents
+    differentiable_extra = list(extra) if mode in _DIFFERENTIABLE_EXTRA else []
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in
+                  (grad_y, grad_out, x, cond, *weights, *biases, *differentiable_extra)]
+        l_gy, l_gout, l_x, l_cond = leaves[:4]
+        n = len(weights)
+        l_w, l_b, l_extra = leaves[4:4 + n], leaves[4 + n:4 + 2 * n], leaves[4 + 2 * n:]
+        tangents = (l_extra[0] if l_extra else extra[0]) if extra else None
+        points = FlatPoints(l_x, l_cond)
+        all_rows = slice(0, points.n)
+        d_in, d_out = x.shape[-1], weights[-1].shape[0]
+        g = reference.backward(
+            mode, l_gy.reshape(points.n, d_out),
+            l_gout.reshape(output_shape(mode, (points.n,), d_in, d_out, tangents)),
+            points.x, points.cond_rows(all_rows), l_w, l_b, activations, activation_params, skip_layers,
+            None if tangents is None else tangents.reshape(points.n, *tangents.shape[-2:]))
+        # grad_cond sums the per-row cond gradients of each broadcast group, so its cotangent
+        # reaches every row of the group.
+        gg_cond_rows = None if gg_cond is None else FlatPoints(x, gg_cond).cond_rows(all_rows)
+        total = (_dot(g.x, None if gg_x is None else gg_x.reshape(g.x.shape)) + _dot(g.cond, gg_cond_rows)
+                 + sum(_dot(a, b) for a, b in zip(g.weights + g.biases, list(gg_weights) + list(gg_biases))))
+        if mode in _DIFFERENTIABLE_EXTRA and gg_extra and gg_extra[0] is not None:
+            total = total + _dot(g.tangents, gg_extra[0].reshape(g.tangents.shape))
+        if not torch.is_tensor(total) or not total.requires_grad:
+            grads = [None] * len(leaves)
+        else:
+            grads = torch.autograd.grad(total, leaves, allow_unused=True)
+    grads = [torch.zeros_like(leaf) if gr is None else gr for gr, leaf in zip(grads, leaves)]
+    result = grads[:4] + [grads[4:4 + n], grads[4 + n:4 + 2 * n]]
+    if mode in _DIFFERENTIABLE_EXTRA:
+        result.append(grads[4 + 2 * n])
+    return result
+
+
+def _register_reference_op():
+    def fake(mode, x, cond, weights, biases, activations, activation_params, skip_layers, tangents):
+        if mode not in EXTRA_INPUT:
+            raise ValueError(f"torchjac.mlp_reference_forward: mode expected one of {MODES}, got {mode!r}")
+        lead, d_out = x.shape[:-1], weights[-1].shape[0]
+        return (x.new_empty((*lead, d_out)), x.new_empty(output_shape(mode, lead, x.shape[-1], d_out, tangents)))
+
+    # Below autograd this runs the forward op's pure-PyTorch kernel directly, never a fused one.
+    def composite(mode, x, cond, weights, biases, activations, activation_params, skip_layers, tangents):
+        if mode not in EXTRA_INPUT:
+            raise ValueError(f"torchjac.mlp_reference_forward: mode expected one of {MODES}, got {mode!r}")
+        needs = EXTRA_INPUT[mode] is not None
+        if needs != (tangents is not None):
+            raise ValueError(f"torchjac.mlp_reference_forward: mode {mode!r} "
+                             f"{'needs' if needs else 'takes no'} tangents")
+        extra = (tangents,) if needs else ()
+        name = f"mlp_reference_forward[{mode}]"
+        check_mlp_args(name, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
+        _check_kernel_dtype(name, x)
+        return kernels.forward(mode, x, cond, weights, biases, activations, activation_params, skip_layers, *extra)
+
+    torch.library.impl("torchjac::mlp_reference_forward", "CompositeExplicitAutograd")(composite)
+    torch.library.register_fake("torchjac::mlp_reference_forward")(fake)
+
+    def setup(ctx, inputs, output):
+        mode, x, cond, weights, biases, activations, activation_params, skip_layers, tangents = inputs
+        ctx.mode, ctx.n_layers = mode, len(weights)
+        ctx.mlp = (list(activations), list(activation_params), list(skip_layers))
+        ctx.has_tangents = tangents is not None
+        ctx.save_for_backward(x, cond, *weights, *biases, *((tangents,) if tangents is not None else ()))
+
+    def backward(ctx, grad_y, grad_out):
+        x, cond, *rest = ctx.saved_tensors
+        n = ctx.n_layers
+        weights, biases, extra = rest[:n], rest[n:2 * n], rest[2 * n:]
+        grads = backward_op(ctx.mode)(grad_y, grad_out, x, cond, weights, biases, *ctx.mlp, *extra)
+        g_tangents = grads[4] if ctx.mode in _DIFFERENTIABLE_EXTRA else None
+        return None, grads[0], grads[1], list(grads[2]), list(grads[3]), None, None, None, g_tangents
+
+    torch.library.register_autograd("torchjac::mlp_reference_forward", backward, setup_context=setup)
+
+
+for _mode in MODES:
+    _register(_mode)
+_register_reference_op()
