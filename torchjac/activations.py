@@ -8,8 +8,9 @@ ops, so autograd through them gives the next order (double backward). The CUDA
 kernels mirror these formulas in ``csrc/cuda/activations.cuh``.
 
 Each derivative matches the one PyTorch's own autograd uses, including the
-choice at kinks (ReLU'(0) = 0, LeakyReLU'(0) = slope, ELU'(0) = alpha,
-Softplus switching to the identity when beta*z > threshold).
+choice at kinks: ReLU'(0) = 0, LeakyReLU'(0) = slope, ELU'(0) = alpha but
+ELU''(0) = 0, and Softplus' = 1 when beta*z > threshold but Softplus'' = 0
+already when beta*z >= threshold.
 """
 import math
 from enum import IntEnum
@@ -164,7 +165,7 @@ def second_derivative(code: int, p0: float, p1: float, z: torch.Tensor) -> torch
         return torch.zeros_like(z)
     if code == Act.SOFTPLUS:
         s = torch.sigmoid(z * p0)
-        return torch.where(z * p0 > p1, torch.zeros_like(z), p0 * s * (1 - s))
+        return torch.where(z * p0 >= p1, torch.zeros_like(z), p0 * s * (1 - s))
     if code == Act.SILU:
         s = torch.sigmoid(z)
         return s * (1 - s) * (2 + z * (1 - 2 * s))
@@ -184,7 +185,7 @@ def second_derivative(code: int, p0: float, p1: float, z: torch.Tensor) -> torch
         s = torch.sigmoid(z)
         return s * (1 - s) * (1 - 2 * s)
     if code == Act.ELU:
-        return torch.where(z > 0, torch.zeros_like(z), p0 * torch.exp(z))
+        return torch.where(z >= 0, torch.zeros_like(z), p0 * torch.exp(z))
     if code == Act.SINE:
         return -(p0 * p0) * torch.sin(p0 * z)
     raise ValueError(f"unknown activation code {code}")

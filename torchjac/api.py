@@ -42,7 +42,7 @@ def _prepare(fn: str, f, x, cond) -> _Call:
                              f"pass cond of shape (..., {f.cond_features})")
         raise ValueError(f"torchjac.{fn}: cond expected last dim {f.cond_features} (f.cond_features), "
                          f"got shape {tuple(cond.shape)}")
-    spec = spec_lib.lower(f, x.shape[-1] + c, c)
+    spec = spec_lib.lower(f, x.shape[-1] + c, c, x)
     w0 = spec.weights[0]
     if x.shape[-1] != spec.d_in:
         raise ValueError(f"torchjac.{fn}: x expected last dim {spec.d_in} (f's input features"

@@ -114,7 +114,7 @@ def _register(mode):
         weights, biases, extra = rest[:n], rest[n:2 * n], rest[2 * n:]
         grad_y = torch.zeros_like(_y_like(x, weights)) if grad_y is None else grad_y
         grads = backward_op(mode)(grad_y, grad_out, x, cond, weights, biases, *ctx.mlp, *extra)
-        result = (grads[0], grads[1], list(grads[2]), list(grads[3]), None, None, None)
+        result = (grads[0], grads[1], list(grads[2]), list(grads[3]), *_no_grad(ctx.mlp))
         if has_extra:
             result += (grads[4] if mode in _DIFFERENTIABLE_EXTRA else None,)
         return result
@@ -153,7 +153,7 @@ def _register(mode):
         result = double_backward(mode, ctx.mlp, (grad_y, grad_out, x, cond, weights, biases, *extra),
                                  (gg_x, gg_cond, gg_weights, gg_biases, *gg_extra))
         gy, gout, gx, gcond, gw, gb, *g_extra = result
-        out = (gy, gout, gx, gcond, gw, gb, None, None, None)
+        out = (gy, gout, gx, gcond, gw, gb, *_no_grad(ctx.mlp))
         if has_extra:
             out += (g_extra[0] if mode in _DIFFERENTIABLE_EXTRA else None,)
         return out
@@ -161,6 +161,11 @@ def _register(mode):
     torch.library.impl(f"torchjac::{bwd_name}", "CompositeExplicitAutograd")(bwd_kernel)
     torch.library.register_fake(f"torchjac::{bwd_name}")(bwd_fake)
     torch.library.register_autograd(f"torchjac::{bwd_name}", bwd_backward, setup_context=bwd_setup)
+
+
+def _no_grad(static_args):
+    """Backward results for the non-tensor arguments; autograd wants [] for an empty list."""
+    return tuple([] if isinstance(a, (list, tuple)) and len(a) == 0 else None for a in static_args)
 
 
 def _y_like(x, weights):
@@ -249,7 +254,7 @@ def _register_reference_op():
         weights, biases, extra = rest[:n], rest[n:2 * n], rest[2 * n:]
         grads = backward_op(ctx.mode)(grad_y, grad_out, x, cond, weights, biases, *ctx.mlp, *extra)
         g_tangents = grads[4] if ctx.mode in _DIFFERENTIABLE_EXTRA else None
-        return None, grads[0], grads[1], list(grads[2]), list(grads[3]), None, None, None, g_tangents
+        return (None, grads[0], grads[1], list(grads[2]), list(grads[3]), *_no_grad(ctx.mlp), g_tangents)
 
     torch.library.register_autograd("torchjac::mlp_reference_forward", backward, setup_context=setup)
 

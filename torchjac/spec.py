@@ -55,12 +55,13 @@ def _flatten(seq: nn.Sequential, prefix: str = ""):
             yield f"{prefix}{name}", m
 
 
-def _from_sequential(f: nn.Sequential, n_inputs: int, cond_features: int) -> MLPSpec:
+def _from_sequential(f: nn.Sequential, n_inputs: int, cond_features: int, x: torch.Tensor) -> MLPSpec:
     """Linear layers each followed by one activation; an activation with no Linear of its own
     (at the start, or a second one in a row) gets an identity Linear, which is exact."""
     weights, biases, codes, params = [], [], [], []
     width = n_inputs
-    reference_param = next(f.parameters(), None)
+    # Identity layers take the parameters' dtype and device, or x's for a model with none.
+    like = next(f.parameters(), x)
 
     def add_layer(w, b):
         weights.append(w)
@@ -69,7 +70,6 @@ def _from_sequential(f: nn.Sequential, n_inputs: int, cond_features: int) -> MLP
         params.extend([0.0, 0.0])
 
     def identity_layer():
-        like = reference_param if reference_param is not None else torch.empty(0)
         add_layer(torch.eye(width, dtype=like.dtype, device=like.device),
                   torch.zeros(width, dtype=like.dtype, device=like.device))
 
@@ -93,6 +93,9 @@ def _from_sequential(f: nn.Sequential, n_inputs: int, cond_features: int) -> MLP
                 raise ValueError(f"{where}: BatchNorm in training mode (or without running stats) normalizes "
                                  f"over the batch, so points are not independent and the per-point Jacobian is "
                                  f"not defined; call .eval() to use its running statistics")
+            if x.dim() != 2:
+                raise ValueError(f"{where}: BatchNorm1d normalizes dim 1, which holds points, not features, for x of "
+                                 f"shape {tuple(x.shape)}; it acts per feature only on x of shape (P, features)")
             if m.num_features != width:
                 raise ValueError(f"{where}: expected num_features={width}, got {m.num_features}")
             # Eval BatchNorm is the per-feature affine map scale * h + shift.
@@ -114,11 +117,11 @@ def _from_sequential(f: nn.Sequential, n_inputs: int, cond_features: int) -> MLP
     return MLPSpec(weights, biases, codes, params, [], n_inputs - cond_features, cond_features)
 
 
-def lower(f, n_inputs: int, cond_features: int) -> MLPSpec:
-    """The MLP description of f. ``n_inputs`` is the width of f's input, ``d_in + c``."""
+def lower(f, n_inputs: int, cond_features: int, x: torch.Tensor) -> MLPSpec:
+    """The MLP description of f for input x. ``n_inputs`` is the width of f's input, ``d_in + c``."""
     if isinstance(f, PointMLP):
         return _from_point_mlp(f)
     if isinstance(f, nn.Sequential):
-        return _from_sequential(f, n_inputs, cond_features)
+        return _from_sequential(f, n_inputs, cond_features, x)
     raise TypeError(f"f: expected a torchjac.PointMLP or an nn.Sequential of {_SUPPORTED}; got "
                     f"{type(f).__name__}")

@@ -1,0 +1,63 @@
+"""Shared helpers. The oracles use torch.func and plain autograd only, never torchjac's own math."""
+import pytest
+import torch
+from torch import nn
+from torch.func import jacrev, vmap
+
+import torchjac
+
+ACTIVATIONS = {
+    "relu": nn.ReLU(), "leaky_relu": nn.LeakyReLU(0.2), "softplus": nn.Softplus(beta=3.0, threshold=4.0),
+    "silu": nn.SiLU(), "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "tanh": nn.Tanh(),
+    "sigmoid": nn.Sigmoid(), "elu": nn.ELU(alpha=0.7), "identity": nn.Identity(), "sine": torchjac.Sine(2.0),
+}
+
+
+def call_model(f, x, cond):
+    if cond is None:
+        return f(x)
+    if isinstance(f, torchjac.PointMLP):
+        return f(x, cond)
+    return f(torch.cat([x, cond], -1))
+
+
+def broadcast_inputs(x, cond):
+    if cond is None:
+        return x, None
+    lead = torch.broadcast_shapes(x.shape[:-1], cond.shape[:-1])
+    return x.expand(*lead, x.shape[-1]), cond.expand(*lead, cond.shape[-1])
+
+
+def oracle_jacobian(f, x, cond=None):
+    """vmap(jacrev) over flattened points: J (..., d_out, d_in) and y."""
+    x, cond = broadcast_inputs(x, cond)
+    lead = x.shape[:-1]
+    xf = x.reshape(-1, x.shape[-1])
+    # Each point is evaluated as a batch of one, the way the model is called.
+    if cond is None:
+        jac = vmap(jacrev(lambda p: call_model(f, p[None], None)[0]))(xf)
+    else:
+        jac = vmap(jacrev(lambda p, c: call_model(f, p[None], c[None])[0]))(xf, cond.reshape(-1, cond.shape[-1]))
+    y = call_model(f, x, cond)
+    return y, jac.reshape(*lead, *jac.shape[-2:])
+
+
+def autograd_jacobian(f, x, cond=None):
+    """The create_graph autograd loop users write today; differentiable w.r.t. everything."""
+    y = call_model(f, x, cond)
+    rows = [torch.autograd.grad(y[..., i].sum(), x, create_graph=True)[0] for i in range(y.shape[-1])]
+    return y, torch.stack(rows, -2)
+
+
+def assert_close64(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def assert_close32(actual, expected):
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(scale, 1.0))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
