@@ -32,5 +32,5 @@ def test_every_code_has_a_module():
 
 
 def test_unknown_name_is_refused():
-    with pytest.raises(ValueError, match="activation: expected one of"):
+    with pytest.raises(ValueError, match="activation expected one of"):
         act.module_from_name("swishy")

@@ -130,7 +130,7 @@ def module_from_name(name: str) -> nn.Module:
     """A fresh activation module for a name such as "softplus", with PyTorch's default parameters."""
     factory = _FACTORIES.get(name.lower())
     if factory is None:
-        raise ValueError(f"activation: expected one of {sorted(_FACTORIES)} or an activation module, got {name!r}")
+        raise ValueError(f"activation expected one of {sorted(_FACTORIES)} or an activation module, got {name!r}")
     return factory()
 
 

@@ -49,7 +49,10 @@ class PointMLP(nn.Module):
             raise ValueError(f"PointMLP: skip_layers expected indices in [1, {n_layers - 1}] "
                              f"(Linear layers after the first), got {tuple(skip_layers)}")
         if isinstance(activation, str):
-            activation = act.module_from_name(activation)
+            try:
+                activation = act.module_from_name(activation)
+            except ValueError as e:
+                raise ValueError(f"PointMLP: {e}") from None
         if not isinstance(activation, nn.Module) or act.encode(activation) is None:
             raise ValueError(f"PointMLP: activation expected a name or one of "
                              f"{[m.__name__ for m in act.SUPPORTED_MODULES]}, got {activation!r}")

@@ -134,10 +134,11 @@ def _register(mode):
     def bwd_fake(grad_y, grad_out, x, cond, weights, biases, activations, activation_params, skip_layers, *extra):
         check_mlp_args(bwd_name, x, cond, weights, biases, activations, activation_params, skip_layers, *extra,
                        mode=mode)
-        grads = (torch.empty_like(x), torch.empty_like(cond), [torch.empty_like(w) for w in weights],
-                 [torch.empty_like(b) for b in biases])
+        # The kernels return contiguous gradients.
+        grads = (x.new_empty(x.shape), cond.new_empty(cond.shape), [w.new_empty(w.shape) for w in weights],
+                 [b.new_empty(b.shape) for b in biases])
         if mode in _DIFFERENTIABLE_EXTRA:
-            grads += (torch.empty_like(extra[0]),)
+            grads += (extra[0].new_empty(extra[0].shape),)
         return grads
 
     def bwd_setup(ctx, inputs, output):
