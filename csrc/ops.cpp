@@ -8,7 +8,7 @@
 //   biases   [b_0 .. b_{L-1}]  b_i has shape (out_i,)
 //   activations[i], activation_params[2i:2i+2]
 //                              the activation applied after layer i (codes in
-//                              torchjac/activations.py and csrc/activations.cuh)
+//                              torchjac/activations.py and csrc/cuda/activations.cuh)
 //   skip_layers                layers whose input is cat([h, x, cond]); layer 0
 //                              always reads cat([x, cond])
 //

@@ -1,0 +1,569 @@
+// Fused forward kernels: one thread block owns a tile of points and keeps the
+// rows [h; t_1 .. t_k] of every point in shared memory through all layers.
+// Weights are staged in shared memory in chunks of kChunk input columns.
+// Design notes and coverage: docs/cuda.md; the host API: mlp_forward.cuh.
+#include "mlp_forward.cuh"
+
+#include <algorithm>
+#include <climits>
+
+#include "activations.cuh"
+
+#if defined(__USE_FAST_MATH__)
+#error "csrc/cuda/mlp_forward.cu must be built without --use_fast_math: fast expf/sinf and approximate division break float32 accuracy"
+#endif
+
+namespace torchjac {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kChunk = 32;          // weight columns staged per step
+constexpr int kLdw = kChunk + 1;    // odd row stride: conflict-free smem reads
+// Cond projections are precomputed when each cond row serves this many points.
+constexpr int64_t kCondShareFactor = 8;
+constexpr int kTemplateWidths[] = {16, 32, 64, 128, 256};
+
+// Thread layout of a tile for template width WIDTH. Layer outputs are a
+// (kRows x WIDTH) register tile: thread (tr, to) owns rows tr + i*kRowThreads
+// and outputs to + j*kColThreads, strided so that a warp reads distinct banks.
+template <int WIDTH>
+struct Tiling {
+  static constexpr int kOutPerThread = 8;
+  static constexpr int kColThreads = WIDTH / kOutPerThread;
+  static constexpr int kRowThreads = kThreads / kColThreads;
+  static constexpr int kRowsPerThread = WIDTH == 16 ? 2 : 4;
+  static constexpr int kRows = kRowThreads * kRowsPerThread;
+  // The last layer (d_out <= 16 outputs) is computed as (row, output) pairs.
+  static constexpr int kNarrowPerThread = kRows * kMaxInOut / kThreads;
+  static_assert(WIDTH % kOutPerThread == 0 && kThreads % kColThreads == 0, "bad width");
+  static_assert(kRows >= kMaxTangentsPerPass + 1, "a tile must hold one point with all its tangents");
+};
+
+template <typename T>
+struct LayerParams {
+  const T* weight;     // (out, ldw) row-major
+  const T* bias;       // (out,)
+  const T* cond_proj;  // (cond rows, out): W_c * cond, or null
+  int64_t ldw;
+  int col0;     // first column of the tile this layer reads
+  int in_cols;  // columns read: h, x and the cond columns held in the tile
+  int out;
+  int act;
+  T p0, p1;
+};
+
+template <typename T>
+struct KernelParams {
+  LayerParams<T> layers[kMaxLayers];
+  int num_layers;
+  int mode;
+  int64_t num_points;
+  int d_in, d_out, cond_dim;
+  int cond_in_kernel;  // cond columns held in the tile (0 when projected)
+  int x_col;           // tile column where [x | cond] starts
+  int lda;             // tile row stride
+  const T* x;
+  const T* cond;
+  CondRowMap cond_rows;
+  const T* tangents;
+  int64_t tangents_total;
+  int64_t tangent_offset;  // first tangent of this pass
+  int k;                   // tangents in this pass
+  int write_y;
+  int accumulate;  // Hutchinson passes after the first add to out
+  T num_samples;
+  T* y;
+  T* out;
+};
+// Kernel parameters are passed by value; 4 KB is the limit on every supported toolkit and driver.
+static_assert(sizeof(KernelParams<double>) <= 4096, "kernel parameters too large");
+
+__device__ __forceinline__ int64_t cond_row_of(const CondRowMap& m, int64_t point) {
+  int64_t row = 0;
+  for (int d = m.ndim - 1; d >= 0; --d) {
+    const int64_t size = m.sizes[d];
+    row += (point % size) * m.strides[d];
+    point /= size;
+  }
+  return row;
+}
+
+// Tile rows are point-major: point pt owns rows pt*kp1 (h) and pt*kp1 + s (tangent s-1).
+// Fills columns [x_col, x_col + d_in + cond_in_kernel) of every tile row.
+template <typename T, int WIDTH>
+__device__ void load_inputs(const KernelParams<T>& p, T* tile, const int64_t* cond_row, int64_t first,
+                            int npts, int kp1) {
+  const int ncols = p.d_in + p.cond_in_kernel;
+  const bool basis = p.mode == static_cast<int>(MlpMode::kJacobian) ||
+                     p.mode == static_cast<int>(MlpMode::kDivergence);
+  for (int e = threadIdx.x; e < Tiling<WIDTH>::kRows * ncols; e += kThreads) {
+    const int r = e / ncols;
+    const int j = e - r * ncols;
+    const int pt = r / kp1;
+    const int s = r - pt * kp1;
+    T v = T(0);
+    if (pt < npts) {
+      const int64_t point = first + pt;
+      if (j < p.d_in) {
+        if (s == 0) {
+          v = p.x[point * p.d_in + j];
+        } else if (basis) {
+          v = (j == s - 1) ? T(1) : T(0);
+        } else {
+          v = p.tangents[(point * p.tangents_total + p.tangent_offset + s - 1) * p.d_in + j];
+        }
+      } else if (s == 0) {
+        v = p.cond[cond_row[pt] * p.cond_dim + (j - p.d_in)];  // tangents have no cond part
+      }
+    }
+    tile[r * p.lda + p.x_col + j] = v;
+  }
+}
+
+// Stages weight columns [k0, k0 + len) of rows [0, rows) into ws; rows past
+// the layer's outputs become zeros so the register tile needs no guards.
+template <typename T>
+__device__ void load_weight_chunk(const LayerParams<T>& L, T* ws, int rows, int k0, int len) {
+  for (int e = threadIdx.x; e < rows * kChunk; e += kThreads) {
+    const int o = e / kChunk;
+    const int c = e - o * kChunk;
+    T v = T(0);
+    if (o < L.out && c < len) v = __ldg(L.weight + o * L.ldw + k0 + c);
+    ws[o * kLdw + c] = v;
+  }
+}
+
+// z = W * tile_row for every row and every output o < L.out (<= WIDTH),
+// written over the tile's columns [0, L.out).
+template <typename T, int WIDTH>
+__device__ void wide_layer(const LayerParams<T>& L, T* tile, T* ws, int lda) {
+  using Tl = Tiling<WIDTH>;
+  constexpr int RA = Tl::kRowsPerThread, OB = Tl::kOutPerThread;
+  constexpr int TR = Tl::kRowThreads, TO = Tl::kColThreads;
+  const int to = threadIdx.x % TO;
+  const int tr = threadIdx.x / TO;
+  const T* a_row = tile + tr * lda + L.col0;
+  const T* w_row = ws + to * kLdw;
+
+  T acc[RA][OB];
+#pragma unroll
+  for (int i = 0; i < RA; ++i)
+#pragma unroll
+    for (int j = 0; j < OB; ++j) acc[i][j] = T(0);
+
+  for (int k0 = 0; k0 < L.in_cols; k0 += kChunk) {
+    const int len = min(kChunk, L.in_cols - k0);
+    if (k0 > 0) __syncthreads();  // everyone is done with the previous chunk
+    load_weight_chunk(L, ws, WIDTH, k0, len);
+    __syncthreads();
+#pragma unroll 4
+    for (int kk = 0; kk < len; ++kk) {
+      T a[RA], w[OB];
+#pragma unroll
+      for (int i = 0; i < RA; ++i) a[i] = a_row[i * TR * lda + k0 + kk];
+#pragma unroll
+      for (int j = 0; j < OB; ++j) w[j] = w_row[j * TO * kLdw + kk];
+#pragma unroll
+      for (int i = 0; i < RA; ++i)
+#pragma unroll
+        for (int j = 0; j < OB; ++j) acc[i][j] += a[i] * w[j];
+    }
+  }
+  __syncthreads();  // outputs overwrite columns other threads may still read
+#pragma unroll
+  for (int i = 0; i < RA; ++i)
+#pragma unroll
+    for (int j = 0; j < OB; ++j) {
+      const int o = to + j * TO;
+      if (o < L.out) tile[(tr + i * TR) * lda + o] = acc[i][j];
+    }
+}
+
+// The last layer: few outputs, so each thread takes (row, output) pairs.
+template <typename T, int WIDTH>
+__device__ void narrow_layer(const LayerParams<T>& L, T* tile, T* ws, int lda, int active_rows) {
+  constexpr int NP = Tiling<WIDTH>::kNarrowPerThread;
+  int row[NP], col[NP];
+  T acc[NP];
+#pragma unroll
+  for (int q = 0; q < NP; ++q) {
+    const int e = threadIdx.x + q * kThreads;
+    row[q] = e / L.out;
+    col[q] = e - row[q] * L.out;
+    acc[q] = T(0);
+  }
+  for (int k0 = 0; k0 < L.in_cols; k0 += kChunk) {
+    const int len = min(kChunk, L.in_cols - k0);
+    if (k0 > 0) __syncthreads();
+    load_weight_chunk(L, ws, L.out, k0, len);
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < NP; ++q) {
+      if (row[q] < active_rows) {
+        const T* a = tile + row[q] * lda + L.col0 + k0;
+        const T* w = ws + col[q] * kLdw;
+        for (int kk = 0; kk < len; ++kk) acc[q] += a[kk] * w[kk];
+      }
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int q = 0; q < NP; ++q)
+    if (row[q] < active_rows) tile[row[q] * lda + col[q]] = acc[q];
+}
+
+// h <- act(z + b [+ W_c cond]); t <- act'(z) * t, for the tile's valid points.
+template <typename T>
+__device__ void activate(const LayerParams<T>& L, T* tile, const int64_t* cond_row, int lda, int npts,
+                         int kp1) {
+  for (int e = threadIdx.x; e < npts * L.out; e += kThreads) {
+    const int pt = e / L.out;
+    const int o = e - pt * L.out;
+    T* h = tile + pt * kp1 * lda + o;
+    T z = *h + __ldg(L.bias + o);
+    if (L.cond_proj != nullptr) z += __ldg(L.cond_proj + cond_row[pt] * L.out + o);
+    const act::Derivatives<T> d = act::evaluate(L.act, L.p0, L.p1, z);
+    *h = d.value;
+    for (int s = 1; s < kp1; ++s) h[s * lda] *= d.d1;
+  }
+}
+
+template <typename T>
+__device__ void store_outputs(const KernelParams<T>& p, const T* tile, int64_t first, int npts, int kp1) {
+  const int lda = p.lda, d_in = p.d_in, d_out = p.d_out, k = p.k;
+  if (p.write_y) {
+    T* y = p.y + first * d_out;
+    for (int e = threadIdx.x; e < npts * d_out; e += kThreads) {
+      const int pt = e / d_out;
+      y[e] = tile[pt * kp1 * lda + (e - pt * d_out)];
+    }
+  }
+  switch (static_cast<MlpMode>(p.mode)) {
+    case MlpMode::kJacobian: {
+      const int per_point = d_out * d_in;
+      T* out = p.out + first * per_point;
+      for (int e = threadIdx.x; e < npts * per_point; e += kThreads) {
+        const int pt = e / per_point;
+        const int r = e - pt * per_point;
+        const int i = r / d_in;
+        const int j = r - i * d_in;
+        out[e] = tile[(pt * kp1 + 1 + j) * lda + i];
+      }
+      break;
+    }
+    case MlpMode::kDivergence: {
+      for (int pt = threadIdx.x; pt < npts; pt += kThreads) {
+        T sum = T(0);
+        for (int j = 0; j < d_in; ++j) sum += tile[(pt * kp1 + 1 + j) * lda + j];
+        p.out[first + pt] = sum;
+      }
+      break;
+    }
+    case MlpMode::kJvp: {
+      const int per_point = k * d_out;
+      for (int e = threadIdx.x; e < npts * per_point; e += kThreads) {
+        const int pt = e / per_point;
+        const int r = e - pt * per_point;
+        const int s = r / d_out;
+        const int i = r - s * d_out;
+        p.out[((first + pt) * p.tangents_total + p.tangent_offset + s) * d_out + i] =
+            tile[(pt * kp1 + 1 + s) * lda + i];
+      }
+      break;
+    }
+    case MlpMode::kHutchinson: {
+      // The noise e_s is still in the tangent rows' x columns: layers never write there.
+      for (int pt = threadIdx.x; pt < npts; pt += kThreads) {
+        T sum = T(0);
+        for (int s = 1; s <= k; ++s) {
+          const T* row = tile + (pt * kp1 + s) * lda;
+          for (int i = 0; i < d_out; ++i) sum += row[p.x_col + i] * row[i];
+        }
+        const T part = sum / p.num_samples;
+        T* dst = p.out + first + pt;
+        *dst = p.accumulate ? *dst + part : part;
+      }
+      break;
+    }
+  }
+}
+
+// float asks for two resident blocks per SM (<= 128 registers, no spills
+// measured with ptxas -v); double keeps the full register budget.
+template <typename T, int WIDTH>
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) mlp_forward_kernel(const __grid_constant__ KernelParams<T> p) {
+  using Tl = Tiling<WIDTH>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  int64_t* cond_row = reinterpret_cast<int64_t*>(smem);
+  T* tile = reinterpret_cast<T*>(cond_row + Tl::kRows);
+  T* ws = tile + Tl::kRows * p.lda;
+
+  const int kp1 = p.k + 1;
+  const int per_tile = Tl::kRows / kp1;
+  const int64_t num_tiles = (p.num_points + per_tile - 1) / per_tile;
+  for (int64_t t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+    const int64_t first = t * per_tile;
+    const int npts = static_cast<int>(min(static_cast<int64_t>(per_tile), p.num_points - first));
+    if (p.cond_dim > 0) {
+      for (int pt = threadIdx.x; pt < npts; pt += kThreads) cond_row[pt] = cond_row_of(p.cond_rows, first + pt);
+      __syncthreads();
+    }
+    load_inputs<T, WIDTH>(p, tile, cond_row, first, npts, kp1);
+    __syncthreads();
+    for (int l = 0; l < p.num_layers; ++l) {
+      const LayerParams<T>& L = p.layers[l];
+      if (l + 1 < p.num_layers) {
+        wide_layer<T, WIDTH>(L, tile, ws, p.lda);
+      } else {
+        narrow_layer<T, WIDTH>(L, tile, ws, p.lda, npts * kp1);
+      }
+      __syncthreads();
+      activate(L, tile, cond_row, p.lda, npts, kp1);
+      __syncthreads();
+    }
+    store_outputs(p, tile, first, npts, kp1);
+    __syncthreads();  // the next tile overwrites what was just stored
+  }
+}
+
+// proj[g, o] = sum_j W[o, col0 + j] * cond[g, j]: the cond term of one layer, once per cond row.
+template <typename T>
+__global__ void cond_projection_kernel(const T* __restrict__ cond, int64_t rows, int c,
+                                       const T* __restrict__ weight, int64_t ldw, int64_t col0, int out,
+                                       T* __restrict__ proj) {
+  const int64_t total = rows * out;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t g = e / out;
+    const int o = static_cast<int>(e - g * out);
+    const T* w = weight + o * ldw + col0;
+    const T* cg = cond + g * c;
+    T sum = T(0);
+    for (int j = 0; j < c; ++j) sum += w[j] * cg[j];
+    proj[e] = sum;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side.
+
+int tile_rows(int width) {
+  switch (width) {
+    case 16: return Tiling<16>::kRows;
+    case 32: return Tiling<32>::kRows;
+    case 64: return Tiling<64>::kRows;
+    case 128: return Tiling<128>::kRows;
+    case 256: return Tiling<256>::kRows;
+    default: return 0;
+  }
+}
+
+size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// Everything about a launch that follows from the arguments alone.
+struct Plan {
+  const char* problem = nullptr;  // why the kernels do not cover the arguments
+  int width = 0;                  // template width
+  int hidden = 0;                 // H, 0 for a single layer
+  int x_col = 0;
+  int cond_in_kernel = 0;
+  bool project_cond = false;
+  int lda = 0;
+  int rows = 0;
+  bool skip[kMaxLayers] = {};
+  size_t elem = 0;
+  size_t smem_bytes = 0;
+  size_t workspace_bytes = 0;
+};
+
+bool reads_input(const Plan& plan, int64_t layer) { return layer == 0 || plan.skip[layer]; }
+
+Plan make_plan(const MlpForwardArgs& a) {
+  Plan plan;
+  auto fail = [&](const char* why) {
+    plan.problem = why;
+    return plan;
+  };
+  if (a.dtype != ScalarKind::kFloat32 && a.dtype != ScalarKind::kFloat64) return fail("the dtype is not float32 or float64");
+  plan.elem = a.dtype == ScalarKind::kFloat64 ? sizeof(double) : sizeof(float);
+  const int64_t L = a.num_layers;
+  if (L < 1) return fail("the MLP has no layers");
+  if (L > kMaxLayers) return fail("the MLP has more than 32 layers");
+  if (a.d_in < 1 || a.d_in > kMaxInOut) return fail("d_in is not in [1, 16]");
+  if (a.d_out < 1 || a.d_out > kMaxInOut) return fail("d_out is not in [1, 16]");
+  if (a.cond_dim < 0 || a.num_points < 0) return fail("negative sizes");
+  if (a.cond_rows.ndim < 0 || a.cond_rows.ndim > kMaxCondDims) return fail("cond broadcasts in too many separate dims");
+  bool any_skip = false;
+  for (int64_t i = 0; i < a.num_skip_layers; ++i) {
+    const int64_t l = a.skip_layers[i];
+    if (l < 1 || l >= L) return fail("a skip layer index is not in [1, num_layers - 1]");
+    plan.skip[l] = true;
+    any_skip = true;
+  }
+  const int64_t c = a.cond_dim;
+  const int64_t H = L > 1 ? a.out_features[0] : 0;
+  if (L > 1 && (H < 1 || H > kMaxHiddenWidth)) return fail("the hidden width is not in [1, 256]");
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t in = l == 0 ? a.d_in + c : H + (plan.skip[l] ? a.d_in + c : 0);
+    const int64_t out = l == L - 1 ? a.d_out : H;
+    if (a.in_features[l] != in || a.out_features[l] != out) return fail("the hidden layers do not all have one width");
+    if (a.activations[l] < 0 || a.activations[l] >= act::kNumCodes) return fail("unknown activation code");
+  }
+  // Skip layers read [h, x, cond] as one contiguous block of tile columns.
+  if (any_skip && a.d_out > H) return fail("skip layers with d_out larger than the hidden width");
+  const bool divergence = a.mode == MlpMode::kDivergence || a.mode == MlpMode::kHutchinson;
+  if (divergence && a.d_out != a.d_in) return fail("a divergence needs d_out == d_in");
+  if (a.mode == MlpMode::kHutchinson && a.num_tangents < 1) return fail("Hutchinson needs at least one noise sample");
+  if (a.mode == MlpMode::kJvp && a.num_tangents < 0) return fail("negative number of tangents");
+
+  plan.hidden = static_cast<int>(H);
+  plan.width = 0;
+  for (int w : kTemplateWidths) {
+    if (std::max<int64_t>(H, 1) <= w) {
+      plan.width = w;
+      break;
+    }
+  }
+  plan.x_col = static_cast<int>(std::max<int64_t>(H, a.d_out));
+  plan.project_cond = c > 0 && a.num_cond_rows * kCondShareFactor <= a.num_points;
+  const int64_t cond_cols = (c > 0 && !plan.project_cond) ? c : 0;
+  const int64_t lda = (plan.x_col + a.d_in + cond_cols) | 1;  // odd stride: conflict-free
+  if (lda > 4096) return fail("too many cond columns");
+  plan.cond_in_kernel = static_cast<int>(cond_cols);
+  plan.lda = static_cast<int>(lda);
+  plan.rows = tile_rows(plan.width);
+  plan.smem_bytes = plan.rows * sizeof(int64_t) + (static_cast<size_t>(plan.rows) * plan.lda + plan.width * kLdw) * plan.elem;
+  if (plan.project_cond) {
+    for (int64_t l = 0; l < L; ++l)
+      if (reads_input(plan, l)) plan.workspace_bytes += align_up(a.num_cond_rows * a.out_features[l] * plan.elem);
+  }
+  return plan;
+}
+
+template <typename T, int WIDTH>
+cudaError_t launch_width(const KernelParams<T>& kp, const Plan& plan, cudaStream_t stream) {
+  auto kernel = mlp_forward_kernel<T, WIDTH>;
+  if (plan.smem_bytes > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(plan.smem_bytes));
+    if (err != cudaSuccess) return err;
+  }
+  const int per_tile = plan.rows / (kp.k + 1);
+  const int64_t tiles = (kp.num_points + per_tile - 1) / per_tile;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, INT_MAX));
+  kernel<<<grid, kThreads, plan.smem_bytes, stream>>>(kp);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_pass(const KernelParams<T>& kp, const Plan& plan, cudaStream_t stream) {
+  switch (plan.width) {
+    case 16: return launch_width<T, 16>(kp, plan, stream);
+    case 32: return launch_width<T, 32>(kp, plan, stream);
+    case 64: return launch_width<T, 64>(kp, plan, stream);
+    case 128: return launch_width<T, 128>(kp, plan, stream);
+    case 256: return launch_width<T, 256>(kp, plan, stream);
+    default: return cudaErrorNotSupported;
+  }
+}
+
+template <typename T>
+cudaError_t launch_typed(const MlpForwardArgs& a, const Plan& plan, cudaStream_t stream) {
+  KernelParams<T> kp{};
+  kp.num_layers = static_cast<int>(a.num_layers);
+  kp.mode = static_cast<int>(a.mode);
+  kp.num_points = a.num_points;
+  kp.d_in = static_cast<int>(a.d_in);
+  kp.d_out = static_cast<int>(a.d_out);
+  kp.cond_dim = static_cast<int>(a.cond_dim);
+  kp.cond_in_kernel = plan.cond_in_kernel;
+  kp.x_col = plan.x_col;
+  kp.lda = plan.lda;
+  kp.x = static_cast<const T*>(a.x);
+  kp.cond = static_cast<const T*>(a.cond);
+  kp.cond_rows = a.cond_rows;
+  kp.tangents = static_cast<const T*>(a.tangents);
+  kp.tangents_total = a.num_tangents;
+  kp.num_samples = static_cast<T>(a.num_tangents);
+  kp.y = static_cast<T*>(a.y);
+  kp.out = static_cast<T*>(a.out);
+
+  char* workspace = static_cast<char*>(a.workspace);
+  for (int64_t l = 0; l < a.num_layers; ++l) {
+    LayerParams<T>& lp = kp.layers[l];
+    const int64_t hidden_cols = l == 0 ? 0 : plan.hidden;
+    lp.weight = static_cast<const T*>(a.weights[l]);
+    lp.bias = static_cast<const T*>(a.biases[l]);
+    lp.cond_proj = nullptr;
+    lp.ldw = a.in_features[l];
+    lp.col0 = l == 0 ? plan.x_col : 0;
+    lp.in_cols = static_cast<int>(hidden_cols + (reads_input(plan, l) ? a.d_in + plan.cond_in_kernel : 0));
+    lp.out = static_cast<int>(a.out_features[l]);
+    lp.act = static_cast<int>(a.activations[l]);
+    lp.p0 = static_cast<T>(a.activation_params[2 * l]);
+    lp.p1 = static_cast<T>(a.activation_params[2 * l + 1]);
+    if (plan.project_cond && reads_input(plan, l)) {
+      T* proj = reinterpret_cast<T*>(workspace);
+      workspace += align_up(a.num_cond_rows * lp.out * plan.elem);
+      const int64_t total = a.num_cond_rows * lp.out;
+      const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 65535));
+      cond_projection_kernel<T><<<blocks, 256, 0, stream>>>(kp.cond, a.num_cond_rows, kp.cond_dim, lp.weight,
+                                                             lp.ldw, hidden_cols + a.d_in, lp.out, proj);
+      cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+      lp.cond_proj = proj;
+    }
+  }
+
+  // Jacobian and divergence push the d_in basis vectors (d_in <= 16: one
+  // pass); jvp and Hutchinson run their tangents kMaxTangentsPerPass at a time.
+  const bool basis = a.mode == MlpMode::kJacobian || a.mode == MlpMode::kDivergence;
+  const int64_t total = basis ? a.d_in : a.num_tangents;
+  const int64_t per_pass = basis ? a.d_in : kMaxTangentsPerPass;
+  int64_t offset = 0;
+  do {
+    kp.k = static_cast<int>(std::min(per_pass, total - offset));
+    kp.tangent_offset = offset;
+    kp.write_y = offset == 0;
+    kp.accumulate = offset > 0;
+    cudaError_t err = launch_pass(kp, plan, stream);
+    if (err != cudaSuccess) return err;
+    offset += kp.k;
+  } while (offset < total);
+  return cudaSuccess;
+}
+
+}  // namespace
+
+const char* mlp_forward_unsupported_reason(const MlpForwardArgs& args, int device) {
+  const Plan plan = make_plan(args);
+  if (plan.problem != nullptr) return plan.problem;
+  int max_smem = 0;
+  if (cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();  // clear the error we caused
+    return "the device's shared memory size could not be queried";
+  }
+  if (plan.smem_bytes > static_cast<size_t>(max_smem)) return "the tile does not fit in shared memory (too many cond columns)";
+  return nullptr;
+}
+
+size_t mlp_forward_workspace_bytes(const MlpForwardArgs& args) {
+  const Plan plan = make_plan(args);
+  return plan.problem == nullptr ? plan.workspace_bytes : 0;
+}
+
+cudaError_t mlp_forward_launch(const MlpForwardArgs& args, cudaStream_t stream) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (mlp_forward_unsupported_reason(args, device) != nullptr) return cudaErrorNotSupported;
+  if (args.num_points == 0) return cudaSuccess;
+  const Plan plan = make_plan(args);
+  if (args.workspace == nullptr && plan.workspace_bytes > 0) return cudaErrorInvalidValue;
+  return args.dtype == ScalarKind::kFloat64 ? launch_typed<double>(args, plan, stream)
+                                            : launch_typed<float>(args, plan, stream);
+}
+
+}  // namespace cuda
+}  // namespace torchjac

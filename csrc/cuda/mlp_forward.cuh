@@ -1,0 +1,106 @@
+// Fused forward kernels of a point-wise MLP with forward-mode tangents.
+//
+// Torch-independent: raw device pointers, int64 sizes, a cudaStream_t. The
+// torch glue is mlp_forward_glue.cpp. See docs/cuda.md for the design.
+//
+// The MLP (as in csrc/ops.cpp), on N points:
+//   x     (N, d_in)   contiguous
+//   cond  (G, c)      contiguous; point p reads cond row cond_rows(p), see CondRowMap
+//   W_l   (out_l, in_l) and b_l (out_l,), contiguous
+//   layer 0 reads [x, cond]; a skip layer reads [h, x, cond]; others read h.
+// Each point also carries k tangents, pushed through the layers by
+//   t <- act'(z) * (W_h t + W_x v)   (v: the tangent's input direction).
+// Modes and what they write besides y (N, d_out):
+//   kJacobian    tangents = basis of x        -> out (N, d_out, d_in)
+//   kDivergence  tangents = basis of x        -> out (N,), trace only
+//   kJvp         tangents (N, k, d_in)        -> out (N, k, d_out)
+//   kHutchinson  noise    (N, S, d_in)        -> out (N,), mean_s e_s^T J e_s
+//
+// Coverage: float32 and float64; d_in, d_out <= 16; hidden layers all of one
+// width H <= 256 (run by the smallest template width in {16,32,64,128,256}
+// that holds H); up to kMaxLayers layers; the tile must fit the device's
+// shared memory. Anything else is reported by mlp_forward_unsupported_reason.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace torchjac {
+namespace cuda {
+
+enum class MlpMode : int { kJacobian = 0, kDivergence = 1, kJvp = 2, kHutchinson = 3 };
+enum class ScalarKind : int { kFloat32 = 0, kFloat64 = 1 };
+
+constexpr int kMaxInOut = 16;           // d_in, d_out
+constexpr int kMaxHiddenWidth = 256;
+constexpr int kMaxLayers = 32;
+constexpr int kMaxCondDims = 8;
+constexpr int kMaxTangentsPerPass = 16;  // more tangents run as several passes
+
+// Maps a point index p (row-major over x's leading dims) to its cond row:
+//   row(p) = sum_d idx_d(p) * strides[d]   over the collapsed dims `sizes`,
+// with stride 0 on broadcast dims. ndim == 0 means every point reads row 0.
+struct CondRowMap {
+  int ndim = 0;
+  int64_t sizes[kMaxCondDims] = {};
+  int64_t strides[kMaxCondDims] = {};
+};
+
+struct MlpForwardArgs {
+  MlpMode mode = MlpMode::kJacobian;
+  ScalarKind dtype = ScalarKind::kFloat32;
+  int64_t num_points = 0;
+  int64_t d_in = 0;
+  int64_t d_out = 0;
+  int64_t cond_dim = 0;  // c, may be 0
+
+  const void* x = nullptr;     // (num_points, d_in)
+  const void* cond = nullptr;  // (num_cond_rows, cond_dim); null when cond_dim == 0
+  int64_t num_cond_rows = 0;
+  CondRowMap cond_rows;
+
+  // Host arrays of num_layers entries; weights/biases hold device pointers.
+  int64_t num_layers = 0;
+  const void* const* weights = nullptr;
+  const void* const* biases = nullptr;
+  const int64_t* in_features = nullptr;
+  const int64_t* out_features = nullptr;
+  const int64_t* activations = nullptr;        // codes, csrc/cuda/activations.cuh
+  const double* activation_params = nullptr;  // 2 * num_layers
+  const int64_t* skip_layers = nullptr;        // layer indices, num_skip_layers entries
+  int64_t num_skip_layers = 0;
+
+  // kJvp: (num_points, num_tangents, d_in); kHutchinson: the noise, same layout.
+  const void* tangents = nullptr;
+  int64_t num_tangents = 0;
+
+  void* y = nullptr;    // (num_points, d_out)
+  void* out = nullptr;  // see the modes above
+
+  // Device scratch of mlp_forward_workspace_bytes(args) bytes (may be null if 0).
+  void* workspace = nullptr;
+};
+
+// Null when the fused kernels cover `args` on `device`, else a short reason
+// (a string literal) to show in the fallback warning. Shapes must already be
+// consistent (the glue checks them); inconsistent ones are reported too.
+const char* mlp_forward_unsupported_reason(const MlpForwardArgs& args, int device);
+
+inline bool mlp_forward_supported(const MlpForwardArgs& args, int device) {
+  return mlp_forward_unsupported_reason(args, device) == nullptr;
+}
+
+// Scratch the launch needs: the cond projections W_c * cond of every layer
+// that reads cond, when cond is shared by many points (computed once per cond
+// row instead of once per point).
+size_t mlp_forward_workspace_bytes(const MlpForwardArgs& args);
+
+// Enqueues the forward on `stream` (no synchronisation). Returns
+// cudaErrorNotSupported when mlp_forward_supported is false, otherwise the
+// launch status. num_points == 0 enqueues nothing.
+cudaError_t mlp_forward_launch(const MlpForwardArgs& args, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace torchjac
