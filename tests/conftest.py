@@ -14,11 +14,12 @@ ACTIVATIONS = {
 
 
 def call_model(f, x, cond):
+    """f as torchjac calls it: an nn.Sequential receives cat([x, cond]), any other model f(x, cond)."""
     if cond is None:
         return f(x)
-    if isinstance(f, torchjac.PointMLP):
-        return f(x, cond)
-    return f(torch.cat([x, cond], -1))
+    if isinstance(f, nn.Sequential):
+        return f(torch.cat([x, cond], -1))
+    return f(x, cond)
 
 
 def broadcast_inputs(x, cond):

@@ -14,7 +14,7 @@ def test_wrong_d_in():
     with pytest.raises(ValueError, match=r"x expected last dim 3.*got shape \(4, 5\)"):
         torchjac.jacobian(mlp(), torch.randn(4, 5))
     seq = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
-    with pytest.raises(ValueError, match=r"'0' \(Linear\): expected in_features=5"):
+    with pytest.raises(ValueError, match=r"'0' \(Linear\): expected 5 input features .* got 3"):
         torchjac.jacobian(seq, torch.randn(4, 5))
 
 
@@ -60,12 +60,19 @@ def test_divergence_options():
         torchjac.divergence(f, x, estimator="hutchinson", generator=3)
 
 
-def test_unsupported_layer_in_sequential():
-    seq = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.Linear(8, 3))
-    with pytest.raises(ValueError, match=r"layer '1' \(LayerNorm\) is not supported"):
-        torchjac.jacobian(seq, torch.randn(4, 3))
-    with pytest.raises(TypeError, match="f: expected a torchjac.PointMLP or an nn.Sequential"):
-        torchjac.jacobian(lambda x: x, torch.randn(4, 3))
+def test_f_must_be_callable():
+    with pytest.raises(TypeError, match="f expected a callable .* got int"):
+        torchjac.jacobian(3, torch.randn(4, 3))
+
+
+def test_unsupported_layer_in_a_conv1d_stack():
+    """Channels-first stacks have no generic fallback: their layout is not (..., features)."""
+    seq = nn.Sequential(nn.Conv1d(3, 8, 1), nn.LayerNorm(5), nn.Conv1d(8, 3, 1))
+    with pytest.raises(ValueError, match=r"layer '1' \(LayerNorm\) is not supported by the fused MLP path"):
+        torchjac.jacobian(seq, torch.randn(2, 3, 5))
+    seq = nn.Sequential(nn.Conv1d(3, 8, 1), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"nn.Linear acts on the points dim"):
+        torchjac.jacobian(seq, torch.randn(2, 3, 8))
 
 
 def test_layers_that_couple_points_are_refused():
@@ -78,6 +85,22 @@ def test_layers_that_couple_points_are_refused():
     drop = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.1), nn.Linear(8, 3))
     with pytest.raises(ValueError, match=r"'1' \(Dropout\): dropout in training mode"):
         torchjac.jacobian(drop, torch.randn(4, 3))
+    for mixer in (nn.Conv1d(3, 3, 3, padding=1), nn.MaxPool1d(2), nn.InstanceNorm1d(3),
+                  nn.MultiheadAttention(3, 1)):
+        with pytest.raises(ValueError, match=f"torchjac.divergence: f \\({type(mixer).__name__}\\): it|"
+                                             f"torchjac.divergence: f \\({type(mixer).__name__}\\): a conv"):
+            torchjac.divergence(mixer, torch.randn(2, 3, 4))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            return self.bn(x)
+
+    with pytest.raises(ValueError, match=r"module 'bn' \(BatchNorm1d\): BatchNorm in training mode"):
+        torchjac.jacobian(Block(), torch.randn(4, 3))
 
 
 def test_cond_errors():
@@ -90,12 +113,12 @@ def test_cond_errors():
     with pytest.raises(ValueError, match=r"cond's leading dims \(3,\) do not broadcast against x's \(4,\)"):
         torchjac.jacobian(mlp(cond_features=2), torch.randn(4, 3), cond=torch.randn(3, 2))
     seq = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
-    with pytest.raises(ValueError, match="expected in_features=5"):
+    with pytest.raises(ValueError, match="expected 5 input features"):
         torchjac.jacobian(seq, torch.randn(4, 3), cond=torch.randn(4, 2))
 
 
 def test_jvp_v_shape():
-    with pytest.raises(ValueError, match=r"v expected last dim 3 like x, got shape \(4, 2\)"):
+    with pytest.raises(ValueError, match=r"v expected 3 features like x, got shape \(4, 2\)"):
         torchjac.jvp(mlp(), torch.randn(4, 3), torch.randn(4, 2))
     with pytest.raises(ValueError, match=r"v expected leading dims that broadcast to \(4,\)"):
         torchjac.jvp(mlp(), torch.randn(4, 3), torch.randn(5, 4, 3))

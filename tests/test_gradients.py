@@ -19,7 +19,7 @@ def op_inputs(mode, activation, d_in=3, d_out=3, c=2, skip_layers=(2,), lead=(2,
     from torchjac.spec import lower
     x = torch.randn(*lead, d_in, dtype=torch.float64, requires_grad=True)
     cond = torch.randn(*cond_lead, c, dtype=torch.float64, requires_grad=True)
-    spec = lower(f, d_in + c, c, x)
+    spec = lower(f, x, c)
     weights = [w.detach().clone().requires_grad_() for w in spec.weights]
     biases = [b.detach().clone().requires_grad_() for b in spec.biases]
     extra = []

@@ -12,7 +12,7 @@ def sample_inputs(mode, lead=(2, 3), cond_lead=(2, 1), c=2, non_contiguous=False
     if non_contiguous:
         x = torch.randn(*reversed(lead), 3, dtype=torch.float64).transpose(0, 1)
     cond = torch.randn(*cond_lead, c, dtype=torch.float64)
-    spec = lower(f, 3 + c, c, x)
+    spec = lower(f, x, c)
     weights = [w.detach().clone() for w in spec.weights]
     biases = [b.detach().clone() for b in spec.biases]
     extra = []

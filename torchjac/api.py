@@ -1,22 +1,34 @@
-"""The public functions: jacobian, divergence and jvp of a point-wise model."""
+"""The public functions: jacobian, divergence and jvp of a point-wise model, and explain.
+
+Each call takes one of two paths. The fused path lowers f to the ops' MLP
+description (torchjac/spec.py) and calls a torchjac op. The generic path
+(torchjac/generic.py) serves every other point-wise callable.
+"""
 from typing import NamedTuple, Optional
 
 import torch
+from torch import nn
 
+from . import generic
 from . import spec as spec_lib
-from .mlp import PointMLP
+from .mlp import PointMLP, broadcast_cat
+from .trace import NotFusable
 
 _ESTIMATORS = ("exact", "hutchinson")
 _NOISES = ("rademacher", "gaussian")
 
 
-class _Call(NamedTuple):
-    x: torch.Tensor      # (*lead, d_in), expanded to the broadcast leading shape
+class _Fused(NamedTuple):
+    x: torch.Tensor      # (*lead, d_in), channels-last, expanded to the broadcast leading shape
     cond: torch.Tensor   # (*lead_c, c) with the same ndim as x, c may be 0
     spec: spec_lib.MLPSpec
 
     def args(self):
         return (self.x, self.cond, *self.spec.op_args())
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """y in the model's own layout."""
+        return y.movedim(-1, -2) if self.spec.layout == spec_lib.CHANNELS_FIRST else y
 
 
 def _check_tensor(fn: str, name: str, t, like: Optional[torch.Tensor] = None):
@@ -31,10 +43,18 @@ def _check_tensor(fn: str, name: str, t, like: Optional[torch.Tensor] = None):
                          f"got dtype {t.dtype} on {t.device}")
 
 
-def _prepare(fn: str, f, x, cond) -> _Call:
+def _check_event_dims(fn, event_dims, x):
+    if isinstance(event_dims, bool) or not isinstance(event_dims, int) or not 1 <= event_dims <= x.dim():
+        raise ValueError(f"torchjac.{fn}: event_dims expected an int in [1, x.dim()={x.dim()}], got {event_dims!r}")
+
+
+def _route(fn: str, f, x, cond, event_dims) -> Optional[_Fused]:
+    """The fused call for f, or None when the generic path computes it."""
     _check_tensor(fn, "x", x)
     if cond is not None:
         _check_tensor(fn, "cond", cond, like=x)
+    _check_event_dims(fn, event_dims, x)
+    spec_lib.refuse_point_mixing(fn, f)
     c = 0 if cond is None else cond.shape[-1]
     if isinstance(f, PointMLP) and f.cond_features != c:
         if cond is None:
@@ -42,7 +62,33 @@ def _prepare(fn: str, f, x, cond) -> _Call:
                              f"pass cond of shape (..., {f.cond_features})")
         raise ValueError(f"torchjac.{fn}: cond expected last dim {f.cond_features} (f.cond_features), "
                          f"got shape {tuple(cond.shape)}")
-    spec = spec_lib.lower(f, x.shape[-1] + c, c, x)
+    if not callable(f):
+        raise TypeError(f"torchjac.{fn}: f expected a callable (an nn.Module or a function), got "
+                        f"{type(f).__name__}")
+    if event_dims != 1:
+        return None
+    channels_first = isinstance(f, nn.Sequential) and spec_lib.sequential_layout(f) == spec_lib.CHANNELS_FIRST
+    if channels_first:
+        if x.dim() not in (2, 3):
+            raise ValueError(f"torchjac.{fn}: a stack of Conv1d layers takes x of shape (B, C, N) or (C, N), "
+                             f"got shape {tuple(x.shape)}")
+        x = x.movedim(-2, -1)
+        if cond is not None:
+            if cond.dim() != x.dim():
+                raise ValueError(f"torchjac.{fn}: with Conv1d layers cond expected shape (B, c, N or 1) like x, "
+                                 f"got shape {tuple(cond.shape)}")
+            cond = cond.movedim(-2, -1)
+    try:
+        spec = spec_lib.lower(f, x, c)
+    except NotFusable as e:
+        if channels_first:
+            raise ValueError(f"torchjac.{fn}: {e}") from None
+        return None
+    return _fused_call(fn, f, x, cond, spec)
+
+
+def _fused_call(fn, f, x, cond, spec) -> _Fused:
+    c = spec.cond_features
     w0 = spec.weights[0]
     if x.shape[-1] != spec.d_in:
         raise ValueError(f"torchjac.{fn}: x expected last dim {spec.d_in} (f's input features"
@@ -65,19 +111,36 @@ def _prepare(fn: str, f, x, cond) -> _Call:
         cond = cond.reshape((1,) * (len(lead) + 1 - cond.dim()) + tuple(cond.shape))
     if tuple(x.shape[:-1]) != tuple(lead):
         x = x.expand(*lead, x.shape[-1])
-    return _Call(x, cond, spec)
+    return _Fused(x, cond, spec)
 
 
-def jacobian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_output: bool = False):
+def _generic_model(f, cond):
+    """f as a function of x alone: an nn.Sequential receives cat([x, cond]), anything else f(x, cond)."""
+    if cond is None:
+        return f
+    if isinstance(f, nn.Sequential):
+        return lambda x: f(broadcast_cat(x, cond))
+    return lambda x: f(x, cond)
+
+
+def jacobian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_output: bool = False,
+             event_dims: int = 1, chunk_size: Optional[int] = None):
     """Per-point Jacobian ``J[..., i, j] = d f(x)_i / d x_j`` of shape ``(..., d_out, d_in)``.
 
-    f is a ``torchjac.PointMLP`` (called as ``f(x, cond)``) or an ``nn.Sequential`` of Linear layers and
-    supported activations (called on ``cat([x, cond], -1)``). ``cond`` has shape ``(..., c)`` and broadcasts
-    against ``x.shape[:-1]``; it is not differentiated in J but receives gradients when training.
+    f is a ``torchjac.PointMLP`` (called as ``f(x, cond)``), an ``nn.Sequential`` of Linear layers and
+    supported activations (called on ``cat([x, cond], -1)``), a module torch.fx recognizes as such an MLP,
+    or any point-wise callable (generic path). ``cond`` has shape ``(..., c)`` and broadcasts against
+    ``x.shape[:-1]``; it is not differentiated in J but receives gradients when training.
+    ``event_dims`` trailing dims of x form one point (then J has shape ``(*batch, *out_event, *in_event)``);
+    ``chunk_size`` bounds how many basis vectors the generic path batches at once.
     With ``return_output=True`` returns ``(f(x), J)`` from the same pass.
     """
-    call = _prepare("jacobian", f, x, cond)
-    y, jac = torch.ops.torchjac.mlp_jacobian(*call.args())
+    fused = _route("jacobian", f, x, cond, event_dims)
+    if fused is None:
+        y, jac = generic.jacobian("jacobian", _generic_model(f, cond), x, event_dims, chunk_size)
+    else:
+        y, jac = torch.ops.torchjac.mlp_jacobian(*fused.args())
+        y = fused.output(y)
     return (y, jac) if return_output else jac
 
 
@@ -92,21 +155,15 @@ def _noise(shape, x: torch.Tensor, kind: str, generator: Optional[torch.Generato
 
 def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estimator: str = "exact",
                num_samples: int = 1, noise: str = "rademacher", generator: Optional[torch.Generator] = None,
-               return_output: bool = False):
-    """Per-point divergence (trace of the Jacobian), shape ``x.shape[:-1]``. Needs ``d_out == d_in``.
+               return_output: bool = False, event_dims: int = 1, chunk_size: Optional[int] = None):
+    """Per-point divergence (trace of the Jacobian), shape ``x.shape[:-event_dims]``. Needs ``d_out == d_in``.
 
     ``estimator="hutchinson"`` returns the unbiased estimate ``mean_s e_s^T J e_s`` over ``num_samples``
     noise vectors per point, drawn as ``noise`` ("rademacher" or "gaussian") from ``generator``.
     """
     if estimator not in _ESTIMATORS:
         raise ValueError(f"torchjac.divergence: estimator expected one of {_ESTIMATORS}, got {estimator!r}")
-    call = _prepare("divergence", f, x, cond)
-    if call.spec.d_out != call.spec.d_in:
-        raise ValueError(f"torchjac.divergence: f must map d_in to d_in features for a divergence, "
-                         f"but f maps {call.spec.d_in} -> {call.spec.d_out}")
-    if estimator == "exact":
-        y, div = torch.ops.torchjac.mlp_divergence(*call.args())
-    else:
+    if estimator == "hutchinson":
         if noise not in _NOISES:
             raise ValueError(f"torchjac.divergence: noise expected one of {_NOISES}, got {noise!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -114,18 +171,45 @@ def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estim
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"torchjac.divergence: generator expected a torch.Generator, got "
                             f"{type(generator).__name__}")
-        e = _noise((*call.x.shape[:-1], num_samples, call.spec.d_in), call.x, noise, generator)
-        y, div = torch.ops.torchjac.mlp_hutchinson(*call.args(), e)
+    fused = _route("divergence", f, x, cond, event_dims)
+    if fused is None:
+        model = _generic_model(f, cond)
+        if estimator == "exact":
+            y, div = generic.divergence("divergence", model, x, event_dims, chunk_size)
+        else:
+            e = _noise((num_samples, *x.shape), x, noise, generator)
+            y, div = generic.hutchinson("divergence", model, x, event_dims, e, chunk_size)
+        return (y, div) if return_output else div
+    if fused.spec.d_out != fused.spec.d_in:
+        raise ValueError(f"torchjac.divergence: f must map d_in to d_in features for a divergence, "
+                         f"but f maps {fused.spec.d_in} -> {fused.spec.d_out}")
+    if estimator == "exact":
+        y, div = torch.ops.torchjac.mlp_divergence(*fused.args())
+    else:
+        e = _noise((*fused.x.shape[:-1], num_samples, fused.spec.d_in), fused.x, noise, generator)
+        y, div = torch.ops.torchjac.mlp_hutchinson(*fused.args(), e)
+    y = fused.output(y)
     return (y, div) if return_output else div
 
 
-def jvp(f, x: torch.Tensor, v: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_output: bool = False):
-    """Per-point Jacobian-vector product ``J v`` of shape ``(..., d_out)``; v broadcasts against x."""
-    call = _prepare("jvp", f, x, cond)
+def jvp(f, x: torch.Tensor, v: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_output: bool = False,
+        event_dims: int = 1):
+    """Per-point Jacobian-vector product ``J v``, shaped like f(x); v broadcasts against x."""
+    fused = _route("jvp", f, x, cond, event_dims)
     _check_tensor("jvp", "v", v, like=x)
-    if v.shape[-1] != call.spec.d_in:
-        raise ValueError(f"torchjac.jvp: v expected last dim {call.spec.d_in} like x, got shape {tuple(v.shape)}")
-    lead = call.x.shape[:-1]
+    if fused is None:
+        try:
+            v = v.expand_as(x)
+        except RuntimeError:
+            raise ValueError(f"torchjac.jvp: v expected a shape that broadcasts to x's {tuple(x.shape)}, "
+                             f"got {tuple(v.shape)}") from None
+        y, out = generic.jvp("jvp", _generic_model(f, cond), x, event_dims, v)
+        return (y, out) if return_output else out
+    if fused.spec.layout == spec_lib.CHANNELS_FIRST:
+        v = v.movedim(-2, -1) if v.dim() >= 2 else v
+    if v.shape[-1] != fused.spec.d_in:
+        raise ValueError(f"torchjac.jvp: v expected {fused.spec.d_in} features like x, got shape {tuple(v.shape)}")
+    lead = fused.x.shape[:-1]
     try:
         fits = torch.broadcast_shapes(v.shape[:-1], lead) == lead
     except RuntimeError:
@@ -134,6 +218,22 @@ def jvp(f, x: torch.Tensor, v: torch.Tensor, *, cond: Optional[torch.Tensor] = N
         raise ValueError(f"torchjac.jvp: v expected leading dims that broadcast to {tuple(lead)} (x's and cond's), "
                          f"got shape {tuple(v.shape)}")
     tangents = v.expand(*lead, v.shape[-1]).unsqueeze(-2)
-    y, out = torch.ops.torchjac.mlp_jvp(*call.args(), tangents)
-    out = out.squeeze(-2)
+    y, out = torch.ops.torchjac.mlp_jvp(*fused.args(), tangents)
+    y, out = fused.output(y), fused.output(out.squeeze(-2))
     return (y, out) if return_output else out
+
+
+class Explanation(NamedTuple):
+    path: str    # "fused", "generic" or "refused"
+    detail: str  # what was recognized, or which layer or node stopped the fused path
+
+    def __str__(self):
+        return f"{self.path}: {self.detail}"
+
+
+def explain(f, *, cond: bool = False) -> Explanation:
+    """Which path computes f, and if not the fused one, which layer or node stopped it.
+
+    ``cond=True`` explains the call ``f(x, cond)``.
+    """
+    return Explanation(*spec_lib.explain(f, cond))

@@ -1,5 +1,10 @@
 """Lowering of a model to the ops' MLP description: weights, biases, activation codes, skips.
 
+Three kinds of model run on the fused ops: ``PointMLP``; an ``nn.Sequential`` of
+Linear layers (or, channels-first, ``Conv1d(kernel_size=1)`` layers) and
+supported activations; and user-written modules that torch.fx recognizes as such
+a chain (torchjac/trace.py). Everything else is computed by the generic path.
+
 Parameters are read at every call (never cached), so parametrizations such as
 weight_norm, ``torch.func.functional_call`` and in-place weight updates all
 see the current values and gradients reach the real parameters.
@@ -11,9 +16,14 @@ from torch import nn
 
 from . import activations as act
 from .mlp import PointMLP
+from .trace import NotFusable, Recipe, recognize
 
-_SUPPORTED = ("nn.Linear, nn.Identity, nn.Dropout (eval), nn.BatchNorm1d (eval), nested nn.Sequential and the "
-              "activations ReLU, LeakyReLU, Softplus, SiLU, GELU, Tanh, Sigmoid, ELU, torchjac.Sine")
+CHANNELS_LAST = "channels_last"    # x (..., features): features in the last dim
+CHANNELS_FIRST = "channels_first"  # x (B, features, N) or (features, N): PointNet's Conv1d layout
+
+_SUPPORTED = ("nn.Linear (or nn.Conv1d with kernel_size=1, channels-first), nn.Identity, nn.Dropout (eval), "
+              "nn.BatchNorm1d (eval), nested nn.Sequential and the activations ReLU, LeakyReLU, Softplus, SiLU, "
+              "GELU, Tanh, Sigmoid, ELU, torchjac.Sine")
 
 
 class MLPSpec(NamedTuple):
@@ -24,6 +34,7 @@ class MLPSpec(NamedTuple):
     skip_layers: List[int]
     d_in: int           # features of x
     cond_features: int  # features of cond (0 without)
+    layout: str = CHANNELS_LAST
 
     @property
     def d_out(self) -> int:
@@ -33,9 +44,49 @@ class MLPSpec(NamedTuple):
         return self.weights, self.biases, self.activations, self.activation_params, self.skip_layers
 
 
-def _bias(linear: nn.Linear, weight: torch.Tensor) -> torch.Tensor:
-    return linear.bias if linear.bias is not None else weight.new_zeros(weight.shape[0])
+def _bias(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    return layer.bias if layer.bias is not None else weight.new_zeros(weight.shape[0])
 
+
+# ---- models that cannot be point-wise
+
+def _point_mixing_reason(m: nn.Module):
+    """Why module m mixes points (or is random per point), or None."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
+        return ("BatchNorm in training mode (or without running stats) normalizes over the batch, so points are "
+                "not independent and the per-point Jacobian is not defined; call .eval() to use its running "
+                "statistics")
+    if isinstance(m, (nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)):
+        return "it normalizes over the points (spatial dims)"
+    if isinstance(m, nn.Dropout) and m.training and m.p > 0:
+        return "dropout in training mode is random per call; call .eval() on the model (or set p=0)"
+    if isinstance(m, (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoderLayer,
+                      nn.TransformerDecoderLayer, nn.RNNBase)):
+        return "it mixes the entries of a sequence"
+    pools = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+             nn.modules.pooling._AdaptiveAvgPoolNd)
+    if isinstance(m, pools):
+        return "it pools over points"
+    if isinstance(m, nn.modules.conv._ConvNd):
+        pointwise = (all(k == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride)
+                     and all(p == 0 for p in m.padding) if not isinstance(m.padding, str) else False)
+        if not pointwise:
+            return "a convolution with kernel_size, stride or padding other than 1, 1, 0 mixes neighbouring points"
+    return None
+
+
+def refuse_point_mixing(fn: str, f):
+    """Raise for a module known to couple points: its per-point Jacobian would be wrong, not just slow."""
+    if not isinstance(f, nn.Module):
+        return
+    for name, m in f.named_modules():
+        reason = _point_mixing_reason(m)
+        if reason is not None:
+            where = f"module {name!r} ({type(m).__name__})" if name else f"f ({type(m).__name__})"
+            raise ValueError(f"torchjac.{fn}: {where}: {reason}")
+
+
+# ---- PointMLP
 
 def _from_point_mlp(f: PointMLP) -> MLPSpec:
     code, p0, p1 = act.encode(f.activation)
@@ -47,6 +98,8 @@ def _from_point_mlp(f: PointMLP) -> MLPSpec:
         list(f.skip_layers), f.in_features, f.cond_features)
 
 
+# ---- nn.Sequential
+
 def _flatten(seq: nn.Sequential, prefix: str = ""):
     for name, m in seq.named_children():
         if isinstance(m, nn.Sequential):
@@ -55,9 +108,23 @@ def _flatten(seq: nn.Sequential, prefix: str = ""):
             yield f"{prefix}{name}", m
 
 
+def sequential_layout(f: nn.Sequential) -> str:
+    convs = any(isinstance(m, nn.Conv1d) for _, m in _flatten(f))
+    return CHANNELS_FIRST if convs else CHANNELS_LAST
+
+
+def _conv1d_weight(m: nn.Conv1d) -> torch.Tensor:
+    """A 1x1 Conv1d as a Linear weight (out, in); groups give a block-diagonal matrix."""
+    w = m.weight[:, :, 0]
+    if m.groups == 1:
+        return w
+    return torch.block_diag(*w.chunk(m.groups, 0))
+
+
 def _from_sequential(f: nn.Sequential, n_inputs: int, cond_features: int, x: torch.Tensor) -> MLPSpec:
     """Linear layers each followed by one activation; an activation with no Linear of its own
     (at the start, or a second one in a row) gets an identity Linear, which is exact."""
+    layout = sequential_layout(f)
     weights, biases, codes, params = [], [], [], []
     width = n_inputs
     # Identity layers take the parameters' dtype and device, or x's for a model with none.
@@ -75,27 +142,24 @@ def _from_sequential(f: nn.Sequential, n_inputs: int, cond_features: int, x: tor
 
     for name, m in _flatten(f):
         where = f"nn.Sequential layer {name!r} ({type(m).__name__})"
-        if isinstance(m, nn.Linear):
-            if m.in_features != width:
-                raise ValueError(f"{where}: expected in_features={width} (the width reaching it), "
-                                 f"got {m.in_features}")
-            w = m.weight
+        if isinstance(m, (nn.Linear, nn.Conv1d)):
+            if isinstance(m, nn.Linear) and layout == CHANNELS_FIRST:
+                raise ValueError(f"{where}: in a channels-first stack of Conv1d layers, nn.Linear acts on the "
+                                 f"points dim; use nn.Conv1d(kernel_size=1)")
+            n_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+            if n_in != width:
+                raise ValueError(f"{where}: expected {width} input features (the width reaching it), got {n_in}")
+            w = m.weight if isinstance(m, nn.Linear) else _conv1d_weight(m)
             add_layer(w, _bias(m, w))
-            width = m.out_features
-        elif isinstance(m, nn.Identity):
-            continue
-        elif isinstance(m, nn.Dropout):
-            if m.training and m.p > 0:
-                raise ValueError(f"{where}: dropout in training mode is random per call; call .eval() on the "
-                                 f"model (or set p=0) before taking Jacobians")
+            width = w.shape[0]
+        elif isinstance(m, nn.Identity) or isinstance(m, nn.Dropout):
+            continue  # dropout in training mode was refused by refuse_point_mixing
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if m.training or not m.track_running_stats:
-                raise ValueError(f"{where}: BatchNorm in training mode (or without running stats) normalizes "
-                                 f"over the batch, so points are not independent and the per-point Jacobian is "
-                                 f"not defined; call .eval() to use its running statistics")
-            if x.dim() != 2:
-                raise ValueError(f"{where}: BatchNorm1d normalizes dim 1, which holds points, not features, for x of "
-                                 f"shape {tuple(x.shape)}; it acts per feature only on x of shape (P, features)")
+            # BatchNorm1d normalizes dim 1: the features for (P, C) and (B, C, N) input.
+            if x.dim() != (3 if layout == CHANNELS_FIRST else 2):
+                expected = "(B, C, N)" if layout == CHANNELS_FIRST else "(P, features)"
+                raise ValueError(f"{where}: BatchNorm1d normalizes dim 1, which holds points, not features, for x "
+                                 f"of shape {tuple(x.shape)}; it acts per feature only on x of shape {expected}")
             if m.num_features != width:
                 raise ValueError(f"{where}: expected num_features={width}, got {m.num_features}")
             # Eval BatchNorm is the per-feature affine map scale * h + shift.
@@ -107,21 +171,104 @@ def _from_sequential(f: nn.Sequential, n_inputs: int, cond_features: int, x: tor
         else:
             encoded = act.encode(m)
             if encoded is None:
-                raise ValueError(f"{where} is not supported by the fused MLP path; supported: {_SUPPORTED}")
+                raise NotFusable(f"{where} is not supported by the fused MLP path; supported: {_SUPPORTED}")
             if not codes or codes[-1] != act.Act.IDENTITY:
                 identity_layer()
             codes[-1] = int(encoded[0])
             params[-2:] = [encoded[1], encoded[2]]
     if not weights:
         identity_layer()
-    return MLPSpec(weights, biases, codes, params, [], n_inputs - cond_features, cond_features)
+    return MLPSpec(weights, biases, codes, params, [], n_inputs - cond_features, cond_features, layout)
 
 
-def lower(f, n_inputs: int, cond_features: int, x: torch.Tensor) -> MLPSpec:
-    """The MLP description of f for input x. ``n_inputs`` is the width of f's input, ``d_in + c``."""
+# ---- user-written modules, through their torch.fx recipe
+
+@torch.compiler.assume_constant_result
+def _recipe(f: nn.Module, has_cond: bool) -> Recipe:
+    # Evaluated once while torch.compile traces: the recipe is plain Python values.
+    return recognize(f, has_cond)
+
+
+def _column_blocks(weight: torch.Tensor, blocks, widths) -> dict:
+    """The weight's columns per source ("h", "x", "cond"), scaled, summed over repeats."""
+    out, start = {}, 0
+    for source, scale in blocks:
+        n = widths[source]
+        part = weight[:, start:start + n] * scale
+        out[source] = out[source] + part if source in out else part
+        start += n
+    if start != weight.shape[1]:
+        raise ValueError(f"expected {start} input features from the traced concatenation, got {weight.shape[1]}")
+    return out
+
+
+def from_recipe(f: nn.Module, recipe: Recipe, d_in: int, cond_features: int) -> MLPSpec:
+    weights, biases, codes, params, skips = [], [], [], [], []
+    width_h = 0
+    for i, layer in enumerate(recipe.layers):
+        linear = f.get_submodule(layer.module)
+        w = linear.weight
+        widths = {"h": width_h, "x": d_in, "cond": cond_features}
+        try:
+            cols = _column_blocks(w, layer.blocks, widths)
+        except ValueError as e:
+            raise ValueError(f"Linear {layer.module!r}: {e}") from None
+        reads_input = "x" in cols or "cond" in cols
+        if i > 0 and reads_input:
+            skips.append(i)
+        parts = [cols["h"]] if i > 0 else []
+        if i == 0 or reads_input:
+            for source, n in (("x", d_in), ("cond", cond_features)):
+                parts.append(cols[source] if source in cols else w.new_zeros(w.shape[0], n))
+        w_ours = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        b = _bias(linear, w)
+        if layer.z_scale != 1.0:
+            w_ours, b = w_ours * layer.z_scale, b * layer.z_scale
+        weights.append(w_ours)
+        biases.append(b)
+        codes.append(layer.activation[0])
+        params.extend(layer.activation[1:])
+        width_h = w.shape[0]
+    return MLPSpec(weights, biases, codes, params, skips, d_in, cond_features)
+
+
+# ---- entry points
+
+def lower(f, x: torch.Tensor, cond_features: int) -> MLPSpec:
+    """The MLP description of f for channels-last x (..., d_in), or NotFusable if only the generic
+    path can compute f."""
     if isinstance(f, PointMLP):
         return _from_point_mlp(f)
     if isinstance(f, nn.Sequential):
-        return _from_sequential(f, n_inputs, cond_features, x)
-    raise TypeError(f"f: expected a torchjac.PointMLP or an nn.Sequential of {_SUPPORTED}; got "
-                    f"{type(f).__name__}")
+        return _from_sequential(f, x.shape[-1] + cond_features, cond_features, x)
+    if isinstance(f, nn.Module):
+        return from_recipe(f, _recipe(f, cond_features > 0), x.shape[-1], cond_features)
+    raise NotFusable(f"f is a {type(f).__name__}, not an nn.Module")
+
+
+def explain(f, has_cond: bool = False) -> Tuple[str, str]:
+    """(path, detail) for f: which path computes it, and why not the fused one."""
+    if isinstance(f, PointMLP):
+        return "fused", "torchjac.PointMLP"
+    try:
+        refuse_point_mixing("explain", f)
+    except ValueError as e:
+        return "refused", str(e).replace("torchjac.explain: ", "")
+    if isinstance(f, nn.Sequential):
+        layout = sequential_layout(f)
+        for name, m in _flatten(f):
+            supported = (isinstance(m, (nn.Linear, nn.Conv1d, nn.Identity, nn.Dropout,
+                                        nn.modules.batchnorm._BatchNorm)) or act.encode(m) is not None)
+            if not supported:
+                return "generic", f"nn.Sequential layer {name!r} ({type(m).__name__}) is not supported by the fused path"
+        return "fused", ("nn.Sequential of Conv1d(kernel_size=1), channels-first (B, C, N)"
+                         if layout == CHANNELS_FIRST else "nn.Sequential")
+    if isinstance(f, nn.Module):
+        try:
+            recipe = recognize(f, has_cond)
+        except NotFusable as e:
+            return "generic", str(e)
+        skips = [i for i, layer in enumerate(recipe.layers) if i and any(s != "h" for s, _ in layer.blocks)]
+        return "fused", (f"{type(f).__name__} traced by torch.fx: {len(recipe.layers)} Linear layers"
+                         + (f", skips into layers {skips}" if skips else ""))
+    return "generic", f"f is a {type(f).__name__}, not an nn.Module; computed by batched JVPs/VJPs"

@@ -1,0 +1,107 @@
+"""User-written MLP modules take the fused path, with the oracle's values and gradients."""
+import pytest
+import torch
+from torch import nn
+
+import torchjac
+from conftest import assert_close64, autograd_jacobian, oracle_jacobian
+from ops_seen import ops_seen
+from user_models import CNFDynamics, LatentDeformation, NeRFMLP, NeuSSDF
+
+MODELS = {
+    "nerf": (lambda: NeRFMLP(), 3, None),
+    "cnf": (lambda: CNFDynamics(), 3, (2, 1, 1)),
+    "neus": (lambda: NeuSSDF(), 3, None),
+    "latent_deformation": (lambda: LatentDeformation(), 3, (2, 9, 8)),
+}
+
+
+def _setup(name):
+    make, d_in, cond_shape = MODELS[name]
+    torch.manual_seed(0)
+    f = make().double()
+    x = torch.randn(2, 9, d_in, dtype=torch.float64, requires_grad=True)
+    cond = None if cond_shape is None else torch.randn(cond_shape, dtype=torch.float64, requires_grad=True)
+    return f, x, cond
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_takes_the_fused_path(name):
+    f, x, cond = _setup(name)
+    assert torchjac.explain(f, cond=cond is not None).path == "fused"
+    with ops_seen() as seen:
+        torchjac.jacobian(f, x, cond=cond)
+    assert "torchjac.mlp_jacobian" in seen
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_values_match_the_oracle(name):
+    f, x, cond = _setup(name)
+    y_ref, jac_ref = oracle_jacobian(f, x.detach(), None if cond is None else cond.detach())
+    y, jac = torchjac.jacobian(f, x, cond=cond, return_output=True)
+    assert_close64(jac, jac_ref)
+    assert_close64(y, y_ref)
+    if jac.shape[-1] == jac.shape[-2]:
+        assert_close64(torchjac.divergence(f, x, cond=cond), jac_ref.diagonal(0, -2, -1).sum(-1))
+    v = torch.randn_like(x)
+    assert_close64(torchjac.jvp(f, x, v, cond=cond), (jac_ref @ v.unsqueeze(-1)).squeeze(-1))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_gradients_match_create_graph(name):
+    f, x, cond = _setup(name)
+    leaves = [x] + ([cond] if cond is not None else []) + list(f.parameters())
+
+    def grads(jac):
+        loss = (jac ** 2).sum() + jac.sum(-1).pow(3).sum()
+        return torch.autograd.grad(loss, leaves, allow_unused=True)
+
+    _, jac_ref = autograd_jacobian(f, x, cond)
+    expected = grads(jac_ref)
+    actual = grads(torchjac.jacobian(f, x, cond=cond))
+    for a, e, leaf in zip(actual, expected, leaves):
+        assert_close64(torch.zeros_like(leaf) if a is None else a, torch.zeros_like(leaf) if e is None else e)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compiles_without_graph_break(name):
+    f, x, cond = _setup(name)
+    torch._dynamo.reset()
+
+    def loss(x, cond):
+        return (torchjac.jacobian(f, x, cond=cond) ** 2).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(x, cond)
+    expected = loss(x, cond)
+    assert_close64(got, expected)
+    g_got = torch.autograd.grad(got, x)[0]
+    g_expected = torch.autograd.grad(expected, x)[0]
+    assert_close64(g_got, g_expected)
+
+
+def test_unrecognized_module_says_which_node_stopped_it():
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 8), nn.Linear(3, 8)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.a(x)) * torch.sigmoid(self.b(x)))
+
+    f = Gated().double()
+    why = torchjac.explain(f)
+    assert why.path == "generic"
+    assert "'b'" in why.detail or "mul" in why.detail
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert_close64(torchjac.jacobian(f, x), oracle_jacobian(f, x)[1])
+
+
+def test_explain_reports_each_path():
+    assert str(torchjac.explain(torchjac.PointMLP(3, [8], 3))) == "fused: torchjac.PointMLP"
+    assert torchjac.explain(nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8))).detail.startswith(
+        "nn.Sequential layer '1' (LayerNorm)")
+    assert torchjac.explain(nn.Sequential(nn.Conv1d(3, 8, 1), nn.ReLU(), nn.Conv1d(8, 3, 1))).path == "fused"
+    assert torchjac.explain(nn.BatchNorm1d(3)).path == "refused"
+    assert torchjac.explain(torch.tanh).path == "generic"

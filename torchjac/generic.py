@@ -1,0 +1,110 @@
+"""The generic path: Jacobians of any point-wise callable by batched basis-vector products.
+
+A point-wise f maps x of shape (*batch, *in_event) to y of shape (*batch, *out_event)
+and never mixes entries along the batch dims. Then one JVP with the same basis
+vector e_j at every point gives column j of every point's Jacobian at once, and
+one VJP with the same output basis vector gives a row. f is called on the whole
+batch, as the user calls it; the basis vectors are batched with ``vmap``
+(``chunk_size`` of them at a time). Everything is torch.func, so it trains,
+double-differentiates and compiles like any torch code.
+
+Without autograd, the smaller of d_in JVPs and d_out VJPs is taken. With autograd
+enabled (training), VJPs are always taken: reverse-over-forward gives wrong
+gradients for some PyTorch ops (layer_norm's second-order forward-mode formula,
+pytorch/pytorch#196700), while reverse-over-reverse is right for them. For the
+same reason the divergence and the Hutchinson estimate (``e^T J e = (e^T J) e``)
+use VJPs under autograd.
+"""
+import math
+from typing import Callable
+
+import torch
+from torch.func import jvp as func_jvp
+from torch.func import vjp as func_vjp
+from torch.func import vmap
+
+
+class PointwiseFunction:
+    """f (a function of x alone) with the batch and event shapes of its input and output."""
+
+    def __init__(self, fn_name: str, f: Callable, x: torch.Tensor, event_dims: int):
+        self.fn_name = fn_name
+        self.call = f
+        self.batch = tuple(x.shape[:x.dim() - event_dims])
+        self.in_event = tuple(x.shape[x.dim() - event_dims:])
+
+    def output_event(self, y: torch.Tensor) -> tuple:
+        if not torch.is_tensor(y):
+            raise TypeError(f"torchjac.{self.fn_name}: f expected to return a tensor, got {type(y).__name__}")
+        if tuple(y.shape[:len(self.batch)]) != self.batch:
+            raise ValueError(f"torchjac.{self.fn_name}: f must keep x's leading (point) dims {self.batch}, "
+                             f"but returned shape {tuple(y.shape)}; is event_dims right?")
+        return tuple(y.shape[len(self.batch):])
+
+    def basis(self, event: tuple, like: torch.Tensor) -> torch.Tensor:
+        """(d, *batch, *event): basis vector j repeated at every point, with no copy per point."""
+        d = math.prod(event)
+        eye = torch.eye(d, dtype=like.dtype, device=like.device).reshape(d, *[1] * len(self.batch), *event)
+        return eye.expand(d, *self.batch, *event)
+
+
+def _forward_mode() -> bool:
+    return not torch.is_grad_enabled()
+
+
+def jacobian(fn_name, f, x, event_dims, chunk_size):
+    """(y, J) with J of shape (*batch, *out_event, *in_event)."""
+    pf = PointwiseFunction(fn_name, f, x, event_dims)
+    nb = len(pf.batch)
+    y, vjp_fn = func_vjp(pf.call, x)
+    out_event = pf.output_event(y)
+    d_in, d_out = math.prod(pf.in_event), math.prod(out_event)
+    if d_in <= d_out and _forward_mode():
+        columns = vmap(lambda v: func_jvp(pf.call, (x,), (v,))[1], chunk_size=chunk_size)(pf.basis(pf.in_event, x))
+        jac = columns.reshape(d_in, *pf.batch, d_out).movedim(0, -1)              # (*batch, d_out, d_in)
+    else:
+        rows = vmap(lambda u: vjp_fn(u)[0], chunk_size=chunk_size)(pf.basis(out_event, y))
+        jac = rows.reshape(d_out, *pf.batch, d_in).movedim(0, nb)                # (*batch, d_out, d_in)
+    return y, jac.reshape(*pf.batch, *out_event, *pf.in_event)
+
+
+def divergence(fn_name, f, x, event_dims, chunk_size):
+    """(y, trace of J) for f whose output event has as many entries as its input event."""
+    pf = PointwiseFunction(fn_name, f, x, event_dims)
+    d = math.prod(pf.in_event)
+    y, vjp_fn = func_vjp(pf.call, x)
+    _check_square(pf, y)
+    basis = pf.basis(pf.in_event, x)
+    if _forward_mode():  # columns J e_j
+        vectors = vmap(lambda v: func_jvp(pf.call, (x,), (v,))[1], chunk_size=chunk_size)(basis)
+    else:                # rows e_j^T J
+        vectors = vmap(lambda u: vjp_fn(u.view_as(y))[0], chunk_size=chunk_size)(basis)
+    return y, vectors.reshape(d, *pf.batch, d).diagonal(0, 0, -1).sum(-1)
+
+
+def hutchinson(fn_name, f, x, event_dims, noise, chunk_size):
+    """(y, mean_s e_s^T J e_s) with noise of shape (S, *x.shape): one JVP per sample."""
+    pf = PointwiseFunction(fn_name, f, x, event_dims)
+    y, vjp_fn = func_vjp(pf.call, x)
+    _check_square(pf, y)
+    if _forward_mode():  # J e
+        products = vmap(lambda e: func_jvp(pf.call, (x,), (e,))[1], chunk_size=chunk_size)(noise)
+    else:                # e^T J
+        products = vmap(lambda e: vjp_fn(e.view_as(y))[0], chunk_size=chunk_size)(noise)
+    n_samples = noise.shape[0]
+    quad = (products.reshape(n_samples, *pf.batch, -1) * noise.reshape(n_samples, *pf.batch, -1)).sum(-1)
+    return y, quad.mean(0)
+
+
+def jvp(fn_name, f, x, event_dims, v):
+    pf = PointwiseFunction(fn_name, f, x, event_dims)
+    y, out = func_jvp(pf.call, (x,), (v.expand_as(x),))
+    pf.output_event(y)
+    return y, out
+
+
+def _check_square(pf: PointwiseFunction, y: torch.Tensor):
+    out_event = pf.output_event(y)
+    if math.prod(out_event) != math.prod(pf.in_event):
+        raise ValueError(f"torchjac.{pf.fn_name}: f must map d_in to d_in features for a divergence, but f maps "
+                         f"{pf.in_event} -> {out_event} per point")
