@@ -51,4 +51,7 @@ TORCH_LIBRARY(torchjac, m) {
   // "jvp", "hutchinson"; tangents holds the jvp tangents or the noise). Fused
   // kernels call it for shapes their templates do not cover.
   m.def("mlp_reference_forward(str mode, " TORCHJAC_MLP_ARGS ", Tensor? tangents) -> (Tensor y, Tensor out)");
+  // The pure-PyTorch path of any backward op above; grad_tangents is empty unless mode is "jvp".
+  m.def("mlp_reference_backward(str mode, Tensor grad_y, Tensor grad_out, " TORCHJAC_MLP_ARGS
+        ", Tensor? tangents) -> (" TORCHJAC_GRADS ", Tensor grad_tangents)");
 }

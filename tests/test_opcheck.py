@@ -60,3 +60,18 @@ def test_reference_op(mode):
     direct = getattr(torch.ops.torchjac, f"mlp_{mode}")(*args, *([tangents] if tangents is not None else []))
     for a, b in zip(ours, direct):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["jacobian", "jvp", "hutchinson"])
+def test_reference_backward_op(mode):
+    args = list(sample_inputs(mode))
+    tangents = args.pop() if mode in ("jvp", "hutchinson") else None
+    y, out = torch.ops.torchjac.mlp_reference_forward(mode, *args, tangents)
+    grad_y, grad_out = torch.randn_like(y).requires_grad_(), torch.randn_like(out).requires_grad_()
+    torch.library.opcheck(torch.ops.torchjac.mlp_reference_backward.default,
+                          (mode, grad_y, grad_out, *args, tangents))
+    ours = torch.ops.torchjac.mlp_reference_backward(mode, grad_y, grad_out, *args, tangents)
+    direct = getattr(torch.ops.torchjac, f"mlp_{mode}_backward")(
+        grad_y, grad_out, *args, *([tangents] if tangents is not None else []))
+    for a, b in zip(torch.utils._pytree.tree_leaves(ours[:4]), torch.utils._pytree.tree_leaves(direct[:4])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -218,38 +218,40 @@ def double_backward(mode, mlp, inputs, cotangents):
     return result
 
 
-def _register_reference_op():
-    def fake(mode, x, cond, weights, biases, activations, activation_params, skip_layers, tangents):
-        if mode not in EXTRA_INPUT:
-            raise ValueError(f"torchjac.mlp_reference_forward: mode expected one of {MODES}, got {mode!r}")
+def _reference_extra(op, mode, tangents):
+    """The extra inputs of `mode` for the reference ops, which take the tangents as an optional."""
+    if mode not in EXTRA_INPUT:
+        raise ValueError(f"torchjac.{op}: mode expected one of {MODES}, got {mode!r}")
+    needs = EXTRA_INPUT[mode] is not None
+    if needs != (tangents is not None):
+        raise ValueError(f"torchjac.{op}: mode {mode!r} {'needs' if needs else 'takes no'} tangents")
+    return (tangents,) if needs else ()
+
+
+def _register_reference_ops():
+    """mlp_reference_forward/backward: the pure-PyTorch kernels by mode, for fused kernels to fall back on.
+    Below autograd they run the pure-PyTorch kernels directly, never a fused one."""
+    fwd, bwd = "mlp_reference_forward", "mlp_reference_backward"
+
+    def fwd_kernel(mode, x, cond, weights, biases, activations, activation_params, skip_layers, tangents):
+        extra = _reference_extra(fwd, mode, tangents)
+        check_mlp_args(fwd, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
+        _check_kernel_dtype(fwd, x)
+        return kernels.forward(mode, x, cond, weights, biases, activations, activation_params, skip_layers, *extra)
+
+    def fwd_fake(mode, x, cond, weights, biases, activations, activation_params, skip_layers, tangents):
+        extra = _reference_extra(fwd, mode, tangents)
+        check_mlp_args(fwd, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
         lead, d_out = x.shape[:-1], weights[-1].shape[0]
         return (x.new_empty((*lead, d_out)), x.new_empty(output_shape(mode, lead, x.shape[-1], d_out, tangents)))
 
-    # Below autograd this runs the forward op's pure-PyTorch kernel directly, never a fused one.
-    def composite(mode, x, cond, weights, biases, activations, activation_params, skip_layers, tangents):
-        if mode not in EXTRA_INPUT:
-            raise ValueError(f"torchjac.mlp_reference_forward: mode expected one of {MODES}, got {mode!r}")
-        needs = EXTRA_INPUT[mode] is not None
-        if needs != (tangents is not None):
-            raise ValueError(f"torchjac.mlp_reference_forward: mode {mode!r} "
-                             f"{'needs' if needs else 'takes no'} tangents")
-        extra = (tangents,) if needs else ()
-        name = f"mlp_reference_forward[{mode}]"
-        check_mlp_args(name, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
-        _check_kernel_dtype(name, x)
-        return kernels.forward(mode, x, cond, weights, biases, activations, activation_params, skip_layers, *extra)
-
-    torch.library.impl("torchjac::mlp_reference_forward", "CompositeExplicitAutograd")(composite)
-    torch.library.register_fake("torchjac::mlp_reference_forward")(fake)
-
-    def setup(ctx, inputs, output):
+    def fwd_setup(ctx, inputs, output):
         mode, x, cond, weights, biases, activations, activation_params, skip_layers, tangents = inputs
         ctx.mode, ctx.n_layers = mode, len(weights)
         ctx.mlp = (list(activations), list(activation_params), list(skip_layers))
-        ctx.has_tangents = tangents is not None
         ctx.save_for_backward(x, cond, *weights, *biases, *((tangents,) if tangents is not None else ()))
 
-    def backward(ctx, grad_y, grad_out):
+    def fwd_backward(ctx, grad_y, grad_out):
         x, cond, *rest = ctx.saved_tensors
         n = ctx.n_layers
         weights, biases, extra = rest[:n], rest[n:2 * n], rest[2 * n:]
@@ -257,9 +259,49 @@ def _register_reference_op():
         g_tangents = grads[4] if ctx.mode in _DIFFERENTIABLE_EXTRA else None
         return (None, grads[0], grads[1], list(grads[2]), list(grads[3]), *_no_grad(ctx.mlp), g_tangents)
 
-    torch.library.register_autograd("torchjac::mlp_reference_forward", backward, setup_context=setup)
+    torch.library.impl(f"torchjac::{fwd}", "CompositeExplicitAutograd")(fwd_kernel)
+    torch.library.register_fake(f"torchjac::{fwd}")(fwd_fake)
+    torch.library.register_autograd(f"torchjac::{fwd}", fwd_backward, setup_context=fwd_setup)
+
+    def bwd_kernel(mode, grad_y, grad_out, x, cond, weights, biases, activations, activation_params, skip_layers,
+                   tangents):
+        extra = _reference_extra(bwd, mode, tangents)
+        check_mlp_args(bwd, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
+        _check_kernel_dtype(bwd, x)
+        grads = kernels.backward(mode, grad_y, grad_out, x, cond, weights, biases, activations, activation_params,
+                                 skip_layers, *extra)
+        return (*grads[:4], grads[4] if mode in _DIFFERENTIABLE_EXTRA else x.new_empty(0))
+
+    def bwd_fake(mode, grad_y, grad_out, x, cond, weights, biases, activations, activation_params, skip_layers,
+                 tangents):
+        extra = _reference_extra(bwd, mode, tangents)
+        check_mlp_args(bwd, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
+        return (x.new_empty(x.shape), cond.new_empty(cond.shape), [w.new_empty(w.shape) for w in weights],
+                [b.new_empty(b.shape) for b in biases],
+                tangents.new_empty(tangents.shape) if mode in _DIFFERENTIABLE_EXTRA else x.new_empty(0))
+
+    def bwd_setup(ctx, inputs, output):
+        mode, grad_y, grad_out, x, cond, weights, biases, activations, activation_params, skip_layers, tangents = inputs
+        ctx.mode, ctx.n_layers = mode, len(weights)
+        ctx.mlp = (list(activations), list(activation_params), list(skip_layers))
+        ctx.save_for_backward(grad_y, grad_out, x, cond, *weights, *biases,
+                              *((tangents,) if tangents is not None else ()))
+
+    def bwd_backward(ctx, gg_x, gg_cond, gg_weights, gg_biases, gg_tangents):
+        grad_y, grad_out, x, cond, *rest = ctx.saved_tensors
+        n = ctx.n_layers
+        weights, biases, extra = list(rest[:n]), list(rest[n:2 * n]), rest[2 * n:]
+        differentiable = ctx.mode in _DIFFERENTIABLE_EXTRA
+        gy, gout, gx, gcond, gw, gb, *g_extra = double_backward(
+            ctx.mode, ctx.mlp, (grad_y, grad_out, x, cond, weights, biases, *extra),
+            (gg_x, gg_cond, gg_weights, gg_biases, *((gg_tangents,) if differentiable else ())))
+        return (None, gy, gout, gx, gcond, gw, gb, *_no_grad(ctx.mlp), g_extra[0] if differentiable else None)
+
+    torch.library.impl(f"torchjac::{bwd}", "CompositeExplicitAutograd")(bwd_kernel)
+    torch.library.register_fake(f"torchjac::{bwd}")(bwd_fake)
+    torch.library.register_autograd(f"torchjac::{bwd}", bwd_backward, setup_context=bwd_setup)
 
 
 for _mode in MODES:
     _register(_mode)
-_register_reference_op()
+_register_reference_ops()
