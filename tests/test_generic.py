@@ -5,7 +5,7 @@ from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
 import torchjac
-from conftest import assert_close64
+from conftest import assert_close64, autograd_jacobian
 from ops_seen import ops_seen
 
 
@@ -54,6 +54,19 @@ def test_residual_block_with_layernorm(d_out):
     assert not any(name.startswith("torchjac") for name in seen)
     assert_close64(jac, per_sample_jacobian(block, x.reshape(-1, 3)).reshape(5, 6, d_out, 3))
     assert_close64(y, block(x))
+
+
+def test_training_through_layernorm_matches_create_graph():
+    """Under autograd the generic path takes VJPs; reverse-over-forward through layer_norm would be wrong."""
+    f = nn.Sequential(nn.Linear(2, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 5)).double()
+    x = torch.randn(8, 2, dtype=torch.float64, requires_grad=True)
+    jac = torchjac.jacobian(f, x)
+    leaves = [x] + list(f.parameters())[:-1]  # the last bias does not reach J
+    got = torch.autograd.grad((jac ** 2).sum(), leaves)
+    _, ref = autograd_jacobian(f, x)
+    expected = torch.autograd.grad((ref ** 2).sum(), leaves)
+    for a, e in zip(got, expected):
+        assert_close64(a, e)
 
 
 def test_wide_input_uses_vjps_and_chunking():

@@ -78,6 +78,7 @@ def _route(fn: str, f, x, cond, event_dims) -> Optional[_Fused]:
                 raise ValueError(f"torchjac.{fn}: with Conv1d layers cond expected shape (B, c, N or 1) like x, "
                                  f"got shape {tuple(cond.shape)}")
             cond = cond.movedim(-2, -1)
+            c = cond.shape[-1]
     try:
         spec = spec_lib.lower(f, x, c)
     except NotFusable as e:
