@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -141,16 +140,27 @@ def peak_rss_mb(kind, method, width, depth, points, threads):
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _status_kb(field):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def measure_rss(kind, method, width, depth, points, threads):
+    """Prints the peak RSS above the RSS before the call, in MB (Linux: resets VmHWM first)."""
     torch.set_num_threads(threads)
     f = make_model(width, depth)
     x = torch.randn(points, D)
     # Warm up on a tiny input so one-time allocations are not counted.
     fns = JACOBIAN_METHODS if kind == "jacobian" else TRAIN_METHODS
     fns[method](f, x[:64].clone().requires_grad_(kind == "train"))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+    before = _status_kb("VmRSS")
     fns[method](f, x.requires_grad_(kind == "train"))
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    print((_status_kb("VmHWM") - before) / 1024)
 
 
 def main():

@@ -97,6 +97,12 @@ def _jacobian_with(f, params, x):
     return torch.func.functional_call(_JacobianOf(f), {f"f.{k}": v for k, v in params.items()}, (x,))
 
 
+def test_conv1d_same_padding_with_kernel_one_is_pointwise():
+    f = nn.Sequential(nn.Conv1d(3, 8, 1, padding="same"), nn.Tanh(), nn.Conv1d(8, 3, 1, padding="valid")).double()
+    x = torch.randn(2, 3, 5, dtype=torch.float64)
+    assert_close64(torchjac.jacobian(f, x), oracle(f, x))
+
+
 def test_conv1d_errors():
     with pytest.raises(ValueError, match=r"takes x of shape \(B, C, N\) or \(C, N\)"):
         torchjac.jacobian(pointnet(), torch.randn(2, 2, 3, 5, dtype=torch.float64))

@@ -86,9 +86,9 @@ def test_layers_that_couple_points_are_refused():
     with pytest.raises(ValueError, match=r"'1' \(Dropout\): dropout in training mode"):
         torchjac.jacobian(drop, torch.randn(4, 3))
     for mixer in (nn.Conv1d(3, 3, 3, padding=1), nn.MaxPool1d(2), nn.InstanceNorm1d(3),
-                  nn.MultiheadAttention(3, 1)):
+                  nn.MultiheadAttention(3, 1), nn.Dropout1d(0.5)):
         with pytest.raises(ValueError, match=f"torchjac.divergence: f \\({type(mixer).__name__}\\): it|"
-                                             f"torchjac.divergence: f \\({type(mixer).__name__}\\): a conv"):
+                                             f"torchjac.divergence: f \\({type(mixer).__name__}\\): (a conv|dropout)"):
             torchjac.divergence(mixer, torch.randn(2, 3, 4))
 
     class Block(nn.Module):
@@ -108,13 +108,27 @@ def test_cond_errors():
         torchjac.jacobian(mlp(cond_features=2), torch.randn(4, 3))
     with pytest.raises(ValueError, match=r"cond expected last dim 2 \(f.cond_features\)"):
         torchjac.jacobian(mlp(cond_features=2), torch.randn(4, 3), cond=torch.randn(4, 5))
-    with pytest.raises(ValueError, match="cond expected last dim 0"):
+    with pytest.raises(ValueError, match="cond given, but f is a PointMLP with cond_features=0"):
         torchjac.jacobian(mlp(), torch.randn(4, 3), cond=torch.randn(4, 2))
     with pytest.raises(ValueError, match=r"cond's leading dims \(3,\) do not broadcast against x's \(4,\)"):
         torchjac.jacobian(mlp(cond_features=2), torch.randn(4, 3), cond=torch.randn(3, 2))
     seq = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
     with pytest.raises(ValueError, match="expected 5 input features"):
         torchjac.jacobian(seq, torch.randn(4, 3), cond=torch.randn(4, 2))
+
+
+def test_chunk_size_and_activation_codes():
+    with pytest.raises(ValueError, match="chunk_size expected a positive int or None, got 0"):
+        torchjac.jacobian(mlp(), torch.randn(4, 3), chunk_size=0)
+    x, cond, w, b = torch.randn(4, 3), torch.zeros(1, 0), [torch.randn(3, 3)], [torch.randn(3)]
+    with pytest.raises(ValueError, match=r"activations: expected codes in \[0, 1, .* got \[42\]"):
+        torch.ops.torchjac.mlp_jacobian(x, cond, w, b, [42], [0.0, 0.0], [])
+
+
+def test_channels_first_v_needs_a_points_dim():
+    f = nn.Sequential(nn.Conv1d(3, 3, 1))
+    with pytest.raises(ValueError, match=r"with Conv1d layers v expected shape \(B, C, N\)"):
+        torchjac.jvp(f, torch.randn(2, 3, 3), torch.randn(3))
 
 
 def test_jvp_v_shape():

@@ -69,6 +69,32 @@ def test_training_through_layernorm_matches_create_graph():
         assert_close64(a, e)
 
 
+def test_jvp_gradients_through_layernorm_match_create_graph():
+    f = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    leaves = [x, v] + list(f.parameters())[:-1]
+    got = torch.autograd.grad(torchjac.jvp(f, x, v).pow(2).sum(), leaves)
+    _, jac = autograd_jacobian(f, x)
+    expected = torch.autograd.grad((jac @ v.unsqueeze(-1)).pow(2).sum(), leaves)
+    for a, e in zip(got, expected):
+        assert_close64(a, e)
+
+
+def test_cond_broadcasting_beyond_x_on_the_generic_path():
+    f = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    cond = torch.randn(2, 1, 2, dtype=torch.float64)
+    jac = torchjac.jacobian(f, x, cond=cond)
+    assert jac.shape == (2, 4, 3, 3)
+    xb, cb = x.expand(2, 4, 3), cond.expand(2, 4, 2)
+    expected = per_sample_jacobian(lambda p: f(torch.cat([p, cb.reshape(-1, 2)[:1]], -1)), xb.reshape(-1, 3)[:1])
+    assert_close64(jac[0, 0], expected[0])
+    flat = torch.stack([torch.autograd.functional.jacobian(lambda p, c=c: f(torch.cat([p, c])), p)
+                        for p, c in zip(xb.reshape(-1, 3), cb.reshape(-1, 2))])
+    assert_close64(jac.reshape(-1, 3, 3), flat)
+
+
 def test_wide_input_uses_vjps_and_chunking():
     """d_in > d_out takes the VJP branch; chunk_size only changes how many basis vectors run at once."""
     f = nn.Sequential(nn.LayerNorm(10), nn.Linear(10, 2)).double()

@@ -154,3 +154,15 @@ class _JacobianOf(nn.Module):
 
     def forward(self, x):
         return torchjac.jacobian(self.f, x)
+
+
+def test_third_order_is_refused_not_wrong():
+    f = torchjac.PointMLP(3, [8], 3, activation="tanh").double()
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    jac = torchjac.jacobian(f, x)
+    g, = torch.autograd.grad(jac.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="third-order derivatives through the torchjac ops are not supported"):
+        torch.autograd.grad(g.pow(2).sum(), x, create_graph=True)
+    # Second order (the same call without create_graph) works.
+    h, = torch.autograd.grad(g.pow(2).sum(), x)
+    assert torch.isfinite(h).all()

@@ -48,25 +48,32 @@ def _check_event_dims(fn, event_dims, x):
         raise ValueError(f"torchjac.{fn}: event_dims expected an int in [1, x.dim()={x.dim()}], got {event_dims!r}")
 
 
-def _route(fn: str, f, x, cond, event_dims) -> Optional[_Fused]:
-    """The fused call for f, or None when the generic path computes it."""
+def _route(fn: str, f, x, cond, event_dims, chunk_size=None):
+    """(x, fused call) for f; the fused call is None when the generic path computes f.
+
+    With event_dims=1 and a cond whose leading dims broadcast beyond x's, x comes back expanded.
+    """
     _check_tensor(fn, "x", x)
     if cond is not None:
         _check_tensor(fn, "cond", cond, like=x)
     _check_event_dims(fn, event_dims, x)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"torchjac.{fn}: chunk_size expected a positive int or None, got {chunk_size!r}")
+    if not callable(f):
+        raise TypeError(f"torchjac.{fn}: f expected a callable (an nn.Module or a function), got "
+                        f"{type(f).__name__}")
     spec_lib.refuse_point_mixing(fn, f)
     c = 0 if cond is None else cond.shape[-1]
     if isinstance(f, PointMLP) and f.cond_features != c:
         if cond is None:
             raise ValueError(f"torchjac.{fn}: f is a PointMLP with cond_features={f.cond_features}; "
                              f"pass cond of shape (..., {f.cond_features})")
+        if f.cond_features == 0:
+            raise ValueError(f"torchjac.{fn}: cond given, but f is a PointMLP with cond_features=0")
         raise ValueError(f"torchjac.{fn}: cond expected last dim {f.cond_features} (f.cond_features), "
                          f"got shape {tuple(cond.shape)}")
-    if not callable(f):
-        raise TypeError(f"torchjac.{fn}: f expected a callable (an nn.Module or a function), got "
-                        f"{type(f).__name__}")
     if event_dims != 1:
-        return None
+        return x, None
     channels_first = isinstance(f, nn.Sequential) and spec_lib.sequential_layout(f) == spec_lib.CHANNELS_FIRST
     if channels_first:
         if x.dim() not in (2, 3):
@@ -79,39 +86,41 @@ def _route(fn: str, f, x, cond, event_dims) -> Optional[_Fused]:
                                  f"got shape {tuple(cond.shape)}")
             cond = cond.movedim(-2, -1)
             c = cond.shape[-1]
+    x, cond = _broadcast_points(fn, x, cond)
     try:
         spec = spec_lib.lower(f, x, c)
     except NotFusable as e:
-        if channels_first:
+        if channels_first:  # no generic fallback: the generic path needs features in the last dim
             raise ValueError(f"torchjac.{fn}: {e}") from None
-        return None
-    return _fused_call(fn, f, x, cond, spec)
+        return x, None
+    except ValueError as e:
+        raise ValueError(f"torchjac.{fn}: {e}") from None
+    return x, _fused_call(fn, x, cond, spec)
 
 
-def _fused_call(fn, f, x, cond, spec) -> _Fused:
-    c = spec.cond_features
-    w0 = spec.weights[0]
-    if x.shape[-1] != spec.d_in:
-        raise ValueError(f"torchjac.{fn}: x expected last dim {spec.d_in} (f's input features"
-                         f"{f' minus cond_features={c}' if c else ''}), got shape {tuple(x.shape)}")
-    if w0.shape[1] != x.shape[-1] + c:
-        raise ValueError(f"torchjac.{fn}: f's first Linear layer expects {w0.shape[1]} input features, but x has "
-                         f"{x.shape[-1]} and cond has {c}; with cond, an nn.Sequential receives cat([x, cond], -1)")
-    if w0.dtype != x.dtype or w0.device != x.device:
-        raise ValueError(f"torchjac.{fn}: x has dtype {x.dtype} on {x.device}, but f's parameters have dtype "
-                         f"{w0.dtype} on {w0.device}; move one to match the other")
+def _broadcast_points(fn, x, cond):
+    """x expanded to the leading shape it shares with cond; cond with x's ndim (its dims 1 or x's)."""
     if cond is None:
-        lead = x.shape[:-1]
-        cond = x.new_zeros((1,) * len(lead) + (0,))
-    else:
-        try:
-            lead = torch.broadcast_shapes(x.shape[:-1], cond.shape[:-1])
-        except RuntimeError:
-            raise ValueError(f"torchjac.{fn}: cond's leading dims {tuple(cond.shape[:-1])} do not broadcast "
-                             f"against x's {tuple(x.shape[:-1])}") from None
-        cond = cond.reshape((1,) * (len(lead) + 1 - cond.dim()) + tuple(cond.shape))
+        return x, x.new_zeros((1,) * (x.dim() - 1) + (0,))
+    try:
+        lead = torch.broadcast_shapes(x.shape[:-1], cond.shape[:-1])
+    except RuntimeError:
+        raise ValueError(f"torchjac.{fn}: cond's leading dims {tuple(cond.shape[:-1])} do not broadcast "
+                         f"against x's {tuple(x.shape[:-1])}") from None
     if tuple(x.shape[:-1]) != tuple(lead):
         x = x.expand(*lead, x.shape[-1])
+    return x, cond.reshape((1,) * (len(lead) + 1 - cond.dim()) + tuple(cond.shape))
+
+
+def _fused_call(fn, x, cond, spec) -> _Fused:
+    if x.shape[-1] != spec.d_in:
+        c = spec.cond_features
+        raise ValueError(f"torchjac.{fn}: x expected last dim {spec.d_in} (f's input features"
+                         f"{f' minus cond_features={c}' if c else ''}), got shape {tuple(x.shape)}")
+    for p in spec.weights + spec.biases:
+        if p.dtype != x.dtype or p.device != x.device:
+            raise ValueError(f"torchjac.{fn}: x has dtype {x.dtype} on {x.device}, but f's parameters have dtype "
+                             f"{p.dtype} on {p.device}; move one to match the other")
     return _Fused(x, cond, spec)
 
 
@@ -136,7 +145,7 @@ def jacobian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_
     ``chunk_size`` bounds how many basis vectors the generic path batches at once.
     With ``return_output=True`` returns ``(f(x), J)`` from the same pass.
     """
-    fused = _route("jacobian", f, x, cond, event_dims)
+    x, fused = _route("jacobian", f, x, cond, event_dims, chunk_size)
     if fused is None:
         y, jac = generic.jacobian("jacobian", _generic_model(f, cond), x, event_dims, chunk_size)
     else:
@@ -172,7 +181,7 @@ def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estim
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"torchjac.divergence: generator expected a torch.Generator, got "
                             f"{type(generator).__name__}")
-    fused = _route("divergence", f, x, cond, event_dims)
+    x, fused = _route("divergence", f, x, cond, event_dims, chunk_size)
     if fused is None:
         model = _generic_model(f, cond)
         if estimator == "exact":
@@ -196,7 +205,7 @@ def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estim
 def jvp(f, x: torch.Tensor, v: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_output: bool = False,
         event_dims: int = 1):
     """Per-point Jacobian-vector product ``J v``, shaped like f(x); v broadcasts against x."""
-    fused = _route("jvp", f, x, cond, event_dims)
+    x, fused = _route("jvp", f, x, cond, event_dims)
     _check_tensor("jvp", "v", v, like=x)
     if fused is None:
         try:
@@ -207,7 +216,10 @@ def jvp(f, x: torch.Tensor, v: torch.Tensor, *, cond: Optional[torch.Tensor] = N
         y, out = generic.jvp("jvp", _generic_model(f, cond), x, event_dims, v)
         return (y, out) if return_output else out
     if fused.spec.layout == spec_lib.CHANNELS_FIRST:
-        v = v.movedim(-2, -1) if v.dim() >= 2 else v
+        if v.dim() < 2:  # a (C,) vector would broadcast against N, not C
+            raise ValueError(f"torchjac.jvp: with Conv1d layers v expected shape (B, C, N), (C, N) or (C, 1), "
+                             f"got shape {tuple(v.shape)}")
+        v = v.movedim(-2, -1)
     if v.shape[-1] != fused.spec.d_in:
         raise ValueError(f"torchjac.jvp: v expected {fused.spec.d_in} features like x, got shape {tuple(v.shape)}")
     lead = fused.x.shape[:-1]

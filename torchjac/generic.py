@@ -14,7 +14,8 @@ so JVPs only pay off when d_in < d_out. And with autograd enabled (training),
 VJPs are always taken: reverse-over-forward gives wrong gradients for some
 PyTorch ops (layer_norm's second-order forward-mode formula,
 pytorch/pytorch#196700), while reverse-over-reverse is right for them. The
-divergence and the Hutchinson estimate (``e^T J e = (e^T J) e``) use VJPs.
+divergence and the Hutchinson estimate (``e^T J e = (e^T J) e``) use VJPs; a JVP
+under autograd is the rows of J applied to v.
 """
 import math
 from typing import Callable
@@ -75,7 +76,7 @@ def divergence(fn_name, f, x, event_dims, chunk_size):
 
 
 def hutchinson(fn_name, f, x, event_dims, noise, chunk_size):
-    """(y, mean_s e_s^T J e_s) with noise of shape (S, *x.shape): one JVP per sample."""
+    """(y, mean_s e_s^T J e_s) with noise of shape (S, *x.shape): one VJP per sample."""
     pf = PointwiseFunction(fn_name, f, x, event_dims)
     y, vjp_fn = func_vjp(pf.call, x)
     _check_square(pf, y)
@@ -86,10 +87,18 @@ def hutchinson(fn_name, f, x, event_dims, noise, chunk_size):
 
 
 def jvp(fn_name, f, x, event_dims, v):
+    """(y, J v), v shaped like x."""
     pf = PointwiseFunction(fn_name, f, x, event_dims)
-    y, out = func_jvp(pf.call, (x,), (v.expand_as(x),))
-    pf.output_event(y)
-    return y, out
+    if not torch.is_grad_enabled():
+        y, out = func_jvp(pf.call, (x,), (v,))
+        pf.output_event(y)
+        return y, out
+    # Under autograd, from the rows of J: a single JVP would be reverse-over-forward, and the
+    # VJP of u -> J^T u would need third derivatives to train; both are wrong for layer_norm.
+    y, jac = jacobian(fn_name, f, x, event_dims, None)
+    d_in, d_out = math.prod(pf.in_event), math.prod(y.shape[len(pf.batch):])
+    out = jac.reshape(*pf.batch, d_out, d_in) @ v.reshape(*pf.batch, d_in, 1)
+    return y, out.reshape(y.shape)
 
 
 def _check_square(pf: PointwiseFunction, y: torch.Tensor):

@@ -14,11 +14,14 @@ import torch
 
 from . import _C  # noqa: F401  (loads the schemas)
 from . import kernels, reference
+from .activations import Act
 from .kernels import FlatPoints, output_shape
 
 # Extra tensor input of each mode, after the MLP arguments.
 EXTRA_INPUT = {"jacobian": None, "divergence": None, "jvp": "tangents", "hutchinson": "noise"}
-MODES = tuple(EXTRA_INPUT)
+MODES = reference.MODES
+assert tuple(EXTRA_INPUT) == MODES
+_ACTIVATION_CODES = {int(a) for a in Act}
 # Only jvp tangents are differentiated; the Hutchinson noise is a constant.
 _DIFFERENTIABLE_EXTRA = {"jvp"}
 
@@ -31,14 +34,14 @@ def backward_op(mode):
     return getattr(torch.ops.torchjac, f"mlp_{mode}_backward").default
 
 
-def check_mlp_args(op, x, cond, weights, biases, activations, activation_params, skip_layers, extra=None,
-                   mode="jacobian"):
+def check_mlp_args(op, x, cond, weights, biases, activations, activation_params, skip_layers, extra=None, *,
+                   mode):
     """Raise a ValueError naming the argument for any inconsistency of an op's MLP arguments."""
     def fail(msg):
         raise ValueError(f"torchjac.{op}: {msg}")
 
     if x.dim() < 1:
-        fail(f"x: expected shape (..., d_in), got a 0-dim tensor")
+        fail("x: expected shape (..., d_in), got a 0-dim tensor")
     if cond.dim() != x.dim():
         fail(f"cond: expected {x.dim()} dims like x (leading dims equal to x's or 1), got shape {tuple(cond.shape)}")
     for i, (c, n) in enumerate(zip(cond.shape[:-1], x.shape[:-1])):
@@ -51,6 +54,9 @@ def check_mlp_args(op, x, cond, weights, biases, activations, activation_params,
     if len(biases) != n_layers or len(activations) != n_layers or len(activation_params) != 2 * n_layers:
         fail(f"expected one bias, one activation and two activation_params per layer for {n_layers} layers, got "
              f"{len(biases)} biases, {len(activations)} activations, {len(activation_params)} activation_params")
+    unknown = [a for a in activations if a not in _ACTIVATION_CODES]
+    if unknown:
+        fail(f"activations: expected codes in {sorted(_ACTIVATION_CODES)} (torchjac.activations.Act), got {unknown}")
     for s in skip_layers:
         if not 0 < s < n_layers:
             fail(f"skip_layers: expected indices in [1, {n_layers - 1}], got {list(skip_layers)}")
@@ -112,7 +118,6 @@ def _register(mode):
         x, cond, *rest = ctx.saved_tensors
         n = ctx.n_layers
         weights, biases, extra = rest[:n], rest[n:2 * n], rest[2 * n:]
-        grad_y = torch.zeros_like(_y_like(x, weights)) if grad_y is None else grad_y
         grads = backward_op(mode)(grad_y, grad_out, x, cond, weights, biases, *ctx.mlp, *extra)
         result = (grads[0], grads[1], list(grads[2]), list(grads[3]), *_no_grad(ctx.mlp))
         if has_extra:
@@ -169,53 +174,71 @@ def _no_grad(static_args):
     return tuple([] if isinstance(a, (list, tuple)) and len(a) == 0 else None for a in static_args)
 
 
-def _y_like(x, weights):
-    return x.new_empty((*x.shape[:-1], weights[-1].shape[0]))
-
-
 def _dot(a, b):
-    if a is None or b is None:
-        return 0
-    return (a * b).sum()
+    return 0 if a is None or b is None else (a * b).sum()
 
 
 def double_backward(mode, mlp, inputs, cotangents):
-    """VJP of a backward op: autograd through the reference reverse pass, over all points at once."""
+    """VJP of a backward op: autograd through the reference reverse pass, chunk by chunk.
+
+    inputs are the backward op's tensors (grad_y, grad_out, x, cond, weights, biases[, tangents]),
+    cotangents those of its outputs (grad_x, grad_cond, grad_weights, grad_biases[, grad_tangents]).
+    The result is not differentiable again.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError("torchjac: third-order derivatives through the torchjac ops are not supported "
+                           "(create_graph=True on a gradient of a gradient of jacobian/divergence/jvp)")
     activations, activation_params, skip_layers = mlp
     grad_y, grad_out, x, cond, weights, biases, *extra = inputs
     gg_x, gg_cond, gg_weights, gg_biases, *gg_extra = cotangents
-    differentiable_extra = list(extra) if mode in _DIFFERENTIABLE_EXTRA else []
+    differentiable = mode in _DIFFERENTIABLE_EXTRA
+    tangents = extra[0] if extra else None
+    points = FlatPoints(x, cond)
+    d_in, d_out = x.shape[-1], weights[-1].shape[0]
+    flat_out_shape = output_shape(mode, (points.n,), d_in, d_out, tangents)
+    grad_y, grad_out = grad_y.reshape(points.n, d_out), grad_out.reshape(flat_out_shape)
+    flat_tangents = None if tangents is None else tangents.reshape(points.n, *tangents.shape[-2:])
+    gg_x = None if gg_x is None else gg_x.reshape(points.n, d_in)
+    gg_cond = None if gg_cond is None else FlatPoints(x, gg_cond)  # a cotangent per cond row of each point
+    gg_tangents = gg_extra[0].reshape(flat_tangents.shape) if differentiable and gg_extra[0] is not None else None
+
+    result = [x.new_zeros(points.n, d_out), x.new_zeros(flat_out_shape), x.new_zeros(points.x.shape),
+              cond.new_zeros(points.cond.shape)]
+    result_w, result_b = [torch.zeros_like(w) for w in weights], [torch.zeros_like(b) for b in biases]
+    result_t = x.new_zeros(flat_tangents.shape) if differentiable else None
+    k = d_in if tangents is None else tangents.shape[-2]
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in
-                  (grad_y, grad_out, x, cond, *weights, *biases, *differentiable_extra)]
-        l_gy, l_gout, l_x, l_cond = leaves[:4]
-        n = len(weights)
-        l_w, l_b, l_extra = leaves[4:4 + n], leaves[4 + n:4 + 2 * n], leaves[4 + 2 * n:]
-        tangents = (l_extra[0] if l_extra else extra[0]) if extra else None
-        points = FlatPoints(l_x, l_cond)
-        all_rows = slice(0, points.n)
-        d_in, d_out = x.shape[-1], weights[-1].shape[0]
-        g = reference.backward(
-            mode, l_gy.reshape(points.n, d_out),
-            l_gout.reshape(output_shape(mode, (points.n,), d_in, d_out, tangents)),
-            points.x, points.cond_rows(all_rows), l_w, l_b, activations, activation_params, skip_layers,
-            None if tangents is None else tangents.reshape(points.n, *tangents.shape[-2:]))
-        # grad_cond sums the per-row cond gradients of each broadcast group, so its cotangent
-        # reaches every row of the group.
-        gg_cond_rows = None if gg_cond is None else FlatPoints(x, gg_cond).cond_rows(all_rows)
-        total = (_dot(g.x, None if gg_x is None else gg_x.reshape(g.x.shape)) + _dot(g.cond, gg_cond_rows)
-                 + sum(_dot(a, b) for a, b in zip(g.weights + g.biases, list(gg_weights) + list(gg_biases))))
-        if mode in _DIFFERENTIABLE_EXTRA and gg_extra and gg_extra[0] is not None:
-            total = total + _dot(g.tangents, gg_extra[0].reshape(g.tangents.shape))
-        if not torch.is_tensor(total) or not total.requires_grad:
-            grads = [None] * len(leaves)
-        else:
+        w_leaves = [w.detach().requires_grad_() for w in weights]
+        b_leaves = [b.detach().requires_grad_() for b in biases]
+        for rows in points.chunks(kernels.rows_per_chunk(k, weights, x.element_size())):
+            row_leaves = [t.detach().requires_grad_() for t in
+                          (grad_y[rows], grad_out[rows], points.x[rows], points.cond_rows(rows))]
+            t_rows = None if flat_tangents is None else flat_tangents[rows].detach().requires_grad_(differentiable)
+            g = reference.backward(mode, *row_leaves, w_leaves, b_leaves, activations, activation_params,
+                                   skip_layers, t_rows)
+            total = (_dot(g.x, None if gg_x is None else gg_x[rows])
+                     + _dot(g.cond, None if gg_cond is None else gg_cond.cond_rows(rows))
+                     + sum(_dot(a, b) for a, b in zip(g.weights + g.biases, list(gg_weights) + list(gg_biases)))
+                     + _dot(g.tangents, None if gg_tangents is None else gg_tangents[rows]))
+            leaves = row_leaves + w_leaves + b_leaves + ([t_rows] if differentiable else [])
+            if not torch.is_tensor(total) or not total.requires_grad:
+                continue
             grads = torch.autograd.grad(total, leaves, allow_unused=True)
-    grads = [torch.zeros_like(leaf) if gr is None else gr for gr, leaf in zip(grads, leaves)]
-    result = grads[:4] + [grads[4:4 + n], grads[4 + n:4 + 2 * n]]
-    if mode in _DIFFERENTIABLE_EXTRA:
-        result.append(grads[4 + 2 * n])
-    return result
+            for i, gr in enumerate(grads[:3]):
+                if gr is not None:
+                    result[i][rows] = gr
+            if grads[3] is not None:
+                points.add_cond_grad(result[3], rows, grads[3])
+            for acc, gr in zip(result_w + result_b, grads[4:4 + 2 * len(weights)]):
+                if gr is not None:
+                    acc += gr
+            if differentiable and grads[-1] is not None:
+                result_t[rows] = grads[-1]
+    out = [result[0].view(inputs[0].shape), result[1].view(inputs[1].shape), result[2].view(x.shape),
+           result[3].view(cond.shape), result_w, result_b]
+    if differentiable:
+        out.append(result_t.view(tangents.shape))
+    return out
 
 
 def _reference_extra(op, mode, tangents):

@@ -58,7 +58,7 @@ def _point_mixing_reason(m: nn.Module):
                 "statistics")
     if isinstance(m, (nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)):
         return "it normalizes over the points (spatial dims)"
-    if isinstance(m, nn.Dropout) and m.training and m.p > 0:
+    if isinstance(m, (nn.modules.dropout._DropoutNd)) and m.training and m.p > 0:
         return "dropout in training mode is random per call; call .eval() on the model (or set p=0)"
     if isinstance(m, (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoderLayer,
                       nn.TransformerDecoderLayer, nn.RNNBase)):
@@ -68,8 +68,9 @@ def _point_mixing_reason(m: nn.Module):
     if isinstance(m, pools):
         return "it pools over points"
     if isinstance(m, nn.modules.conv._ConvNd):
-        pointwise = (all(k == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride)
-                     and all(p == 0 for p in m.padding) if not isinstance(m.padding, str) else False)
+        # With kernel 1, padding "same" and "valid" are both no padding.
+        no_padding = isinstance(m.padding, str) or all(p == 0 for p in m.padding)
+        pointwise = all(k == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride) and no_padding
         if not pointwise:
             return "a convolution with kernel_size, stride or padding other than 1, 1, 0 mixes neighbouring points"
     return None
@@ -152,9 +153,9 @@ def _from_sequential(f: nn.Sequential, n_inputs: int, cond_features: int, x: tor
             w = m.weight if isinstance(m, nn.Linear) else _conv1d_weight(m)
             add_layer(w, _bias(m, w))
             width = w.shape[0]
-        elif isinstance(m, nn.Identity) or isinstance(m, nn.Dropout):
+        elif isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)):
             continue  # dropout in training mode was refused by refuse_point_mixing
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        elif isinstance(m, nn.BatchNorm1d):
             # BatchNorm1d normalizes dim 1: the features for (P, C) and (B, C, N) input.
             if x.dim() != (3 if layout == CHANNELS_FIRST else 2):
                 expected = "(B, C, N)" if layout == CHANNELS_FIRST else "(P, features)"
@@ -257,10 +258,13 @@ def explain(f, has_cond: bool = False) -> Tuple[str, str]:
     if isinstance(f, nn.Sequential):
         layout = sequential_layout(f)
         for name, m in _flatten(f):
-            supported = (isinstance(m, (nn.Linear, nn.Conv1d, nn.Identity, nn.Dropout,
-                                        nn.modules.batchnorm._BatchNorm)) or act.encode(m) is not None)
+            supported = (isinstance(m, (nn.Linear, nn.Conv1d, nn.Identity, nn.modules.dropout._DropoutNd,
+                                        nn.BatchNorm1d)) or act.encode(m) is not None)
             if not supported:
-                return "generic", f"nn.Sequential layer {name!r} ({type(m).__name__}) is not supported by the fused path"
+                why = f"nn.Sequential layer {name!r} ({type(m).__name__}) is not supported by the fused path"
+                if layout == CHANNELS_FIRST:  # the generic path needs features in the last dim
+                    return "refused", why + "; a channels-first Conv1d stack has no generic fallback"
+                return "generic", why
         return "fused", ("nn.Sequential of Conv1d(kernel_size=1), channels-first (B, C, N)"
                          if layout == CHANNELS_FIRST else "nn.Sequential")
     if isinstance(f, nn.Module):

@@ -34,7 +34,6 @@ class RecipeLayer(NamedTuple):
 
 class Recipe(NamedTuple):
     layers: Tuple[RecipeLayer, ...]
-    uses_cond: bool
 
 
 class _LayerOut(NamedTuple):
@@ -195,9 +194,9 @@ class _Interpreter:
                 result = args[0]
             else:
                 raise NotFusable(f"node {node.name!r}: {node.op} {target!r} is not supported")
-        return result, placeholders
+        return result
 
-    def recipe(self, result, placeholders, node_name="output"):
+    def recipe(self, result, node_name="output"):
         if not isinstance(result, _LayerOut) or result.index != len(self.layers) - 1:
             raise NotFusable(f"{node_name}: the module must return the output of its last Linear layer "
                              f"(or its activation)")
@@ -212,7 +211,7 @@ class _Interpreter:
             raise NotFusable("a Linear layer's output is not used by the next layer")
         layers = tuple(RecipeLayer(m, tuple((src, float(k)) for src, _, k in b), float(zs), a)
                        for m, b, zs, a in self.layers)
-        return Recipe(layers, placeholders > 1)
+        return Recipe(layers)
 
 
 def _target_name(node) -> str:
@@ -240,7 +239,7 @@ def recognize(module: nn.Module, has_cond: bool) -> Recipe:
         raise NotFusable(f"torch.fx could not trace {type(module).__name__}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
     interpreter = _Interpreter(module)
-    result, placeholders = interpreter.run(graph)
+    result = interpreter.run(graph)
     if not interpreter.layers:
         raise NotFusable(f"{type(module).__name__} has no Linear layer")
-    return interpreter.recipe(result, placeholders)
+    return interpreter.recipe(result)
