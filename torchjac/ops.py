@@ -10,6 +10,8 @@ The schemas live in csrc/ops.cpp. For every mode there is a forward op
 - the backward op's autograd (double backward) is autograd through the
   reference reverse pass, torchjac/reference.py.
 """
+import functools
+
 import torch
 
 from . import _C  # noqa: F401  (loads the schemas)
@@ -92,81 +94,92 @@ def _check_kernel_dtype(op, x):
                         f"{x.dtype}; convert with x.float() (the model too) or use a fused CUDA kernel")
 
 
+# ---- the pieces every op is registered from; `op` names the op in errors
+
+def _forward_kernel(op, mode, x, cond, weights, biases, activations, activation_params, skip_layers, *extra):
+    check_mlp_args(op, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
+    _check_kernel_dtype(op, x)
+    return kernels.forward(mode, x, cond, weights, biases, activations, activation_params, skip_layers, *extra)
+
+
+def _forward_fake(op, mode, x, cond, weights, biases, activations, activation_params, skip_layers, *extra):
+    check_mlp_args(op, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
+    lead, d_out = x.shape[:-1], weights[-1].shape[0]
+    return (x.new_empty((*lead, d_out)),
+            x.new_empty(output_shape(mode, lead, x.shape[-1], d_out, extra[0] if extra else None)))
+
+
+def _backward_kernel(op, mode, grad_y, grad_out, x, cond, weights, biases, activations, activation_params,
+                     skip_layers, *extra):
+    check_mlp_args(op, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
+    _check_kernel_dtype(op, x)
+    return kernels.backward(mode, grad_y, grad_out, x, cond, weights, biases, activations, activation_params,
+                            skip_layers, *extra)
+
+
+def _backward_fake(op, mode, grad_y, grad_out, x, cond, weights, biases, activations, activation_params,
+                   skip_layers, *extra):
+    check_mlp_args(op, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
+    # The kernels return contiguous gradients.
+    grads = (x.new_empty(x.shape), cond.new_empty(cond.shape), [w.new_empty(w.shape) for w in weights],
+             [b.new_empty(b.shape) for b in biases])
+    if mode in _DIFFERENTIABLE_EXTRA:
+        grads += (extra[0].new_empty(extra[0].shape),)
+    return grads
+
+
+def _save(ctx, mode, leading, weights, biases, static, extra):
+    """Saves an op's tensors for its backward; `leading` are the tensors before the weights."""
+    ctx.mode, ctx.n_leading, ctx.n_layers = mode, len(leading), len(weights)
+    ctx.mlp = tuple(list(a) for a in static)  # activations, activation_params, skip_layers
+    ctx.save_for_backward(*leading, *weights, *biases, *extra)
+
+
+def _load(ctx):
+    """(leading tensors, weights, biases, extra tensors) saved by _save."""
+    saved, n, m = ctx.saved_tensors, ctx.n_leading, ctx.n_layers
+    return saved[:n], list(saved[n:n + m]), list(saved[n + m:n + 2 * m]), saved[n + 2 * m:]
+
+
+def _extra_grad(mode, grad):
+    """Gradient for a mode's extra input: the jvp tangents get one, the Hutchinson noise none."""
+    return (grad if mode in _DIFFERENTIABLE_EXTRA else None,) if EXTRA_INPUT[mode] is not None else ()
+
+
+def _forward_backward(ctx, grad_y, grad_out):
+    """Gradients of a forward op: (x, cond, weights, biases, static args..., extra)."""
+    (x, cond), weights, biases, extra = _load(ctx)
+    grads = backward_op(ctx.mode)(grad_y, grad_out, x, cond, weights, biases, *ctx.mlp, *extra)
+    return (grads[0], grads[1], list(grads[2]), list(grads[3]), *_no_grad(ctx.mlp),
+            *_extra_grad(ctx.mode, grads[4] if len(grads) > 4 else None))
+
+
+def _backward_backward(ctx, gg_x, gg_cond, gg_weights, gg_biases, *gg_extra):
+    """Gradients of a backward op: (grad_y, grad_out, x, cond, weights, biases, static args..., extra)."""
+    (grad_y, grad_out, x, cond), weights, biases, extra = _load(ctx)
+    gy, gout, gx, gcond, gw, gb, *g_extra = double_backward(
+        ctx.mode, ctx.mlp, (grad_y, grad_out, x, cond, weights, biases, *extra),
+        (gg_x, gg_cond, gg_weights, gg_biases, *gg_extra))
+    return (gy, gout, gx, gcond, gw, gb, *_no_grad(ctx.mlp), *_extra_grad(ctx.mode, g_extra[0] if g_extra else None))
+
+
 def _register(mode):
     name, bwd_name = f"mlp_{mode}", f"mlp_{mode}_backward"
-    has_extra = EXTRA_INPUT[mode] is not None
-
-    # ---- forward op
-    def fwd_kernel(x, cond, weights, biases, activations, activation_params, skip_layers, *extra):
-        check_mlp_args(name, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
-        _check_kernel_dtype(name, x)
-        return kernels.forward(mode, x, cond, weights, biases, activations, activation_params, skip_layers, *extra)
-
-    def fwd_fake(x, cond, weights, biases, activations, activation_params, skip_layers, *extra):
-        check_mlp_args(name, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
-        lead, d_out = x.shape[:-1], weights[-1].shape[0]
-        return (x.new_empty((*lead, d_out)),
-                x.new_empty(output_shape(mode, lead, x.shape[-1], d_out, extra[0] if extra else None)))
 
     def fwd_setup(ctx, inputs, output):
-        x, cond, weights, biases, activations, activation_params, skip_layers, *extra = inputs
-        ctx.n_layers = len(weights)
-        ctx.mlp = (list(activations), list(activation_params), list(skip_layers))
-        ctx.save_for_backward(x, cond, *weights, *biases, *extra)
-
-    def fwd_backward(ctx, grad_y, grad_out):
-        x, cond, *rest = ctx.saved_tensors
-        n = ctx.n_layers
-        weights, biases, extra = rest[:n], rest[n:2 * n], rest[2 * n:]
-        grads = backward_op(mode)(grad_y, grad_out, x, cond, weights, biases, *ctx.mlp, *extra)
-        result = (grads[0], grads[1], list(grads[2]), list(grads[3]), *_no_grad(ctx.mlp))
-        if has_extra:
-            result += (grads[4] if mode in _DIFFERENTIABLE_EXTRA else None,)
-        return result
-
-    torch.library.impl(f"torchjac::{name}", "CompositeExplicitAutograd")(fwd_kernel)
-    torch.library.register_fake(f"torchjac::{name}")(fwd_fake)
-    torch.library.register_autograd(f"torchjac::{name}", fwd_backward, setup_context=fwd_setup)
-
-    # ---- backward op
-    def bwd_kernel(grad_y, grad_out, x, cond, weights, biases, activations, activation_params, skip_layers, *extra):
-        check_mlp_args(bwd_name, x, cond, weights, biases, activations, activation_params, skip_layers, *extra,
-                       mode=mode)
-        _check_kernel_dtype(bwd_name, x)
-        return kernels.backward(mode, grad_y, grad_out, x, cond, weights, biases, activations, activation_params,
-                                skip_layers, *extra)
-
-    def bwd_fake(grad_y, grad_out, x, cond, weights, biases, activations, activation_params, skip_layers, *extra):
-        check_mlp_args(bwd_name, x, cond, weights, biases, activations, activation_params, skip_layers, *extra,
-                       mode=mode)
-        # The kernels return contiguous gradients.
-        grads = (x.new_empty(x.shape), cond.new_empty(cond.shape), [w.new_empty(w.shape) for w in weights],
-                 [b.new_empty(b.shape) for b in biases])
-        if mode in _DIFFERENTIABLE_EXTRA:
-            grads += (extra[0].new_empty(extra[0].shape),)
-        return grads
+        x, cond, weights, biases, *static_and_extra = inputs
+        _save(ctx, mode, (x, cond), weights, biases, static_and_extra[:3], static_and_extra[3:])
 
     def bwd_setup(ctx, inputs, output):
-        grad_y, grad_out, x, cond, weights, biases, activations, activation_params, skip_layers, *extra = inputs
-        ctx.n_layers = len(weights)
-        ctx.mlp = (list(activations), list(activation_params), list(skip_layers))
-        ctx.save_for_backward(grad_y, grad_out, x, cond, *weights, *biases, *extra)
+        grad_y, grad_out, x, cond, weights, biases, *static_and_extra = inputs
+        _save(ctx, mode, (grad_y, grad_out, x, cond), weights, biases, static_and_extra[:3], static_and_extra[3:])
 
-    def bwd_backward(ctx, gg_x, gg_cond, gg_weights, gg_biases, *gg_extra):
-        grad_y, grad_out, x, cond, *rest = ctx.saved_tensors
-        n = ctx.n_layers
-        weights, biases, extra = list(rest[:n]), list(rest[n:2 * n]), rest[2 * n:]
-        result = double_backward(mode, ctx.mlp, (grad_y, grad_out, x, cond, weights, biases, *extra),
-                                 (gg_x, gg_cond, gg_weights, gg_biases, *gg_extra))
-        gy, gout, gx, gcond, gw, gb, *g_extra = result
-        out = (gy, gout, gx, gcond, gw, gb, *_no_grad(ctx.mlp))
-        if has_extra:
-            out += (g_extra[0] if mode in _DIFFERENTIABLE_EXTRA else None,)
-        return out
-
-    torch.library.impl(f"torchjac::{bwd_name}", "CompositeExplicitAutograd")(bwd_kernel)
-    torch.library.register_fake(f"torchjac::{bwd_name}")(bwd_fake)
-    torch.library.register_autograd(f"torchjac::{bwd_name}", bwd_backward, setup_context=bwd_setup)
+    for op, kernel, fake, backward, setup in (
+            (name, _forward_kernel, _forward_fake, _forward_backward, fwd_setup),
+            (bwd_name, _backward_kernel, _backward_fake, _backward_backward, bwd_setup)):
+        torch.library.impl(f"torchjac::{op}", "CompositeExplicitAutograd")(functools.partial(kernel, op, mode))
+        torch.library.register_fake(f"torchjac::{op}")(functools.partial(fake, op, mode))
+        torch.library.register_autograd(f"torchjac::{op}", backward, setup_context=setup)
 
 
 def _no_grad(static_args):
@@ -256,73 +269,47 @@ def _register_reference_ops():
     Below autograd they run the pure-PyTorch kernels directly, never a fused one."""
     fwd, bwd = "mlp_reference_forward", "mlp_reference_backward"
 
-    def fwd_kernel(mode, x, cond, weights, biases, activations, activation_params, skip_layers, tangents):
-        extra = _reference_extra(fwd, mode, tangents)
-        check_mlp_args(fwd, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
-        _check_kernel_dtype(fwd, x)
-        return kernels.forward(mode, x, cond, weights, biases, activations, activation_params, skip_layers, *extra)
+    def fwd_kernel(mode, *args, tangents):
+        return _forward_kernel(fwd, mode, *args, *_reference_extra(fwd, mode, tangents))
 
-    def fwd_fake(mode, x, cond, weights, biases, activations, activation_params, skip_layers, tangents):
-        extra = _reference_extra(fwd, mode, tangents)
-        check_mlp_args(fwd, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
-        lead, d_out = x.shape[:-1], weights[-1].shape[0]
-        return (x.new_empty((*lead, d_out)), x.new_empty(output_shape(mode, lead, x.shape[-1], d_out, tangents)))
+    def fwd_fake(mode, *args, tangents):
+        return _forward_fake(fwd, mode, *args, *_reference_extra(fwd, mode, tangents))
+
+    def bwd_kernel(mode, *args, tangents):
+        grads = _backward_kernel(bwd, mode, *args, *_reference_extra(bwd, mode, tangents))
+        return (*grads[:4], grads[4] if len(grads) > 4 else args[2].new_empty(0))
+
+    def bwd_fake(mode, *args, tangents):
+        grads = _backward_fake(bwd, mode, *args, *_reference_extra(bwd, mode, tangents))
+        return (*grads[:4], grads[4] if len(grads) > 4 else args[2].new_empty(0))
 
     def fwd_setup(ctx, inputs, output):
-        mode, x, cond, weights, biases, activations, activation_params, skip_layers, tangents = inputs
-        ctx.mode, ctx.n_layers = mode, len(weights)
-        ctx.mlp = (list(activations), list(activation_params), list(skip_layers))
-        ctx.save_for_backward(x, cond, *weights, *biases, *((tangents,) if tangents is not None else ()))
-
-    def fwd_backward(ctx, grad_y, grad_out):
-        x, cond, *rest = ctx.saved_tensors
-        n = ctx.n_layers
-        weights, biases, extra = rest[:n], rest[n:2 * n], rest[2 * n:]
-        grads = backward_op(ctx.mode)(grad_y, grad_out, x, cond, weights, biases, *ctx.mlp, *extra)
-        g_tangents = grads[4] if ctx.mode in _DIFFERENTIABLE_EXTRA else None
-        return (None, grads[0], grads[1], list(grads[2]), list(grads[3]), *_no_grad(ctx.mlp), g_tangents)
-
-    torch.library.impl(f"torchjac::{fwd}", "CompositeExplicitAutograd")(fwd_kernel)
-    torch.library.register_fake(f"torchjac::{fwd}")(fwd_fake)
-    torch.library.register_autograd(f"torchjac::{fwd}", fwd_backward, setup_context=fwd_setup)
-
-    def bwd_kernel(mode, grad_y, grad_out, x, cond, weights, biases, activations, activation_params, skip_layers,
-                   tangents):
-        extra = _reference_extra(bwd, mode, tangents)
-        check_mlp_args(bwd, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
-        _check_kernel_dtype(bwd, x)
-        grads = kernels.backward(mode, grad_y, grad_out, x, cond, weights, biases, activations, activation_params,
-                                 skip_layers, *extra)
-        return (*grads[:4], grads[4] if mode in _DIFFERENTIABLE_EXTRA else x.new_empty(0))
-
-    def bwd_fake(mode, grad_y, grad_out, x, cond, weights, biases, activations, activation_params, skip_layers,
-                 tangents):
-        extra = _reference_extra(bwd, mode, tangents)
-        check_mlp_args(bwd, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
-        return (x.new_empty(x.shape), cond.new_empty(cond.shape), [w.new_empty(w.shape) for w in weights],
-                [b.new_empty(b.shape) for b in biases],
-                tangents.new_empty(tangents.shape) if mode in _DIFFERENTIABLE_EXTRA else x.new_empty(0))
+        mode, x, cond, weights, biases, *static, tangents = inputs
+        _save(ctx, mode, (x, cond), weights, biases, static, () if tangents is None else (tangents,))
 
     def bwd_setup(ctx, inputs, output):
-        mode, grad_y, grad_out, x, cond, weights, biases, activations, activation_params, skip_layers, tangents = inputs
-        ctx.mode, ctx.n_layers = mode, len(weights)
-        ctx.mlp = (list(activations), list(activation_params), list(skip_layers))
-        ctx.save_for_backward(grad_y, grad_out, x, cond, *weights, *biases,
-                              *((tangents,) if tangents is not None else ()))
+        mode, grad_y, grad_out, x, cond, weights, biases, *static, tangents = inputs
+        _save(ctx, mode, (grad_y, grad_out, x, cond), weights, biases, static,
+              () if tangents is None else (tangents,))
+
+    def fwd_backward(ctx, grad_y, grad_out):
+        grads = _forward_backward(ctx, grad_y, grad_out)
+        return (None, *grads) if EXTRA_INPUT[ctx.mode] is not None else (None, *grads, None)
 
     def bwd_backward(ctx, gg_x, gg_cond, gg_weights, gg_biases, gg_tangents):
-        grad_y, grad_out, x, cond, *rest = ctx.saved_tensors
-        n = ctx.n_layers
-        weights, biases, extra = list(rest[:n]), list(rest[n:2 * n]), rest[2 * n:]
-        differentiable = ctx.mode in _DIFFERENTIABLE_EXTRA
-        gy, gout, gx, gcond, gw, gb, *g_extra = double_backward(
-            ctx.mode, ctx.mlp, (grad_y, grad_out, x, cond, weights, biases, *extra),
-            (gg_x, gg_cond, gg_weights, gg_biases, *((gg_tangents,) if differentiable else ())))
-        return (None, gy, gout, gx, gcond, gw, gb, *_no_grad(ctx.mlp), g_extra[0] if differentiable else None)
+        gg_extra = (gg_tangents,) if ctx.mode in _DIFFERENTIABLE_EXTRA else ()
+        grads = _backward_backward(ctx, gg_x, gg_cond, gg_weights, gg_biases, *gg_extra)
+        return (None, *grads) if EXTRA_INPUT[ctx.mode] is not None else (None, *grads, None)
 
-    torch.library.impl(f"torchjac::{bwd}", "CompositeExplicitAutograd")(bwd_kernel)
-    torch.library.register_fake(f"torchjac::{bwd}")(bwd_fake)
-    torch.library.register_autograd(f"torchjac::{bwd}", bwd_backward, setup_context=bwd_setup)
+    def positional(fn):
+        """The schemas pass tangents last and positionally."""
+        return lambda mode, *args: fn(mode, *args[:-1], tangents=args[-1])
+
+    for op, kernel, fake, backward, setup in ((fwd, fwd_kernel, fwd_fake, fwd_backward, fwd_setup),
+                                               (bwd, bwd_kernel, bwd_fake, bwd_backward, bwd_setup)):
+        torch.library.impl(f"torchjac::{op}", "CompositeExplicitAutograd")(positional(kernel))
+        torch.library.register_fake(f"torchjac::{op}")(positional(fake))
+        torch.library.register_autograd(f"torchjac::{op}", backward, setup_context=setup)
 
 
 for _mode in MODES:
