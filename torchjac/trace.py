@@ -9,9 +9,10 @@ column blocks each one reads, the activation after it and the constant scales.
 The recipe holds no tensors; ``spec.from_recipe`` reads the parameters at call
 time. Anything else raises ``NotFusable`` naming the node that stopped it.
 """
+import dataclasses
 import inspect
 import operator
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.fx
@@ -34,6 +35,18 @@ class RecipeLayer(NamedTuple):
 
 class Recipe(NamedTuple):
     layers: Tuple[RecipeLayer, ...]
+
+
+@dataclasses.dataclass
+class _Layer:
+    """A Linear layer being recognized; activation stays None until its use settles it."""
+    module: str
+    blocks: tuple
+    z_scale: float = 1.0
+    activation: Optional[Tuple[int, float, float]] = None
+
+
+_IDENTITY = (int(act.Act.IDENTITY), 0.0, 0.0)
 
 
 class _LayerOut(NamedTuple):
@@ -84,17 +97,17 @@ def _functional_activation(target, args, kwargs):
 class _Interpreter:
     def __init__(self, module: nn.Module):
         self.module = module
-        self.layers = []        # [module, blocks, z_scale, activation or None]
+        self.layers = []        # _Layer, in call order
         self.consumed = set()   # layers whose activation is settled
 
     def settle(self, out: _LayerOut, node) -> Tuple[Tuple[str, float], ...]:
         """The layer output as input columns; a raw output means the layer has no activation."""
         layer = self.layers[out.index]
         if not out.activated:
-            if out.index in self.consumed and layer[3] is not None and layer[3][0] != act.Act.IDENTITY:
+            if out.index in self.consumed and layer.activation not in (None, _IDENTITY):
                 raise NotFusable(f"node {node.name!r}: a layer's output is used both before and after "
                                  f"its activation")
-            layer[3] = layer[3] or (int(act.Act.IDENTITY), 0.0, 0.0)
+            layer.activation = layer.activation or _IDENTITY
         self.consumed.add(out.index)
         return (("h", out.index, out.scale),)
 
@@ -121,17 +134,17 @@ class _Interpreter:
             raise NotFusable(f"node {node.name!r}: the first Linear must read x and cond only")
         if index > 0 and not any(src == "h" for src, _, _ in blocks):
             raise NotFusable(f"node {node.name!r}: Linear {name!r} does not read the previous layer")
-        self.layers.append([name, blocks, 1.0, None])
+        self.layers.append(_Layer(name, blocks))
         return _LayerOut(index, 1.0, False)
 
     def activation(self, value, encoded, node):
         if not isinstance(value, _LayerOut) or value.activated:
             raise NotFusable(f"node {node.name!r}: an activation must directly follow a Linear layer")
         layer = self.layers[value.index]
-        if value.index in self.consumed or layer[3] is not None:
+        if value.index in self.consumed or layer.activation is not None:
             raise NotFusable(f"node {node.name!r}: a layer's output is used both before and after its activation")
-        layer[2] *= value.scale  # a constant before the activation folds into the layer
-        layer[3] = (int(encoded[0]), float(encoded[1]), float(encoded[2]))
+        layer.z_scale *= value.scale  # a constant before the activation folds into the layer
+        layer.activation = (int(encoded[0]), float(encoded[1]), float(encoded[2]))
         return _LayerOut(value.index, 1.0, True)
 
     def run(self, graph: torch.fx.Graph):
@@ -201,16 +214,16 @@ class _Interpreter:
             raise NotFusable(f"{node_name}: the module must return the output of its last Linear layer "
                              f"(or its activation)")
         last = self.layers[-1]
-        if last[3] is None:
-            last[3] = (int(act.Act.IDENTITY), 0.0, 0.0)
+        if last.activation is None:
+            last.activation = _IDENTITY
         if result.scale != 1.0:
-            if result.activated and last[3][0] != act.Act.IDENTITY:
+            if result.activated and last.activation != _IDENTITY:
                 raise NotFusable(f"{node_name}: the output is scaled after a nonlinear activation")
-            last[2] *= result.scale
-        if any(layer[3] is None for layer in self.layers):
+            last.z_scale *= result.scale
+        if any(layer.activation is None for layer in self.layers):
             raise NotFusable("a Linear layer's output is not used by the next layer")
-        layers = tuple(RecipeLayer(m, tuple((src, float(k)) for src, _, k in b), float(zs), a)
-                       for m, b, zs, a in self.layers)
+        layers = tuple(RecipeLayer(layer.module, tuple((src, float(k)) for src, _, k in layer.blocks),
+                                   float(layer.z_scale), layer.activation) for layer in self.layers)
         return Recipe(layers)
 
 
