@@ -79,16 +79,6 @@ struct KernelParams {
 // Kernel parameters are passed by value; 4 KB is the limit on every supported toolkit and driver.
 static_assert(sizeof(KernelParams<double>) <= 4096, "kernel parameters too large");
 
-__device__ __forceinline__ int64_t cond_row_of(const CondRowMap& m, int64_t point) {
-  int64_t row = 0;
-  for (int d = m.ndim - 1; d >= 0; --d) {
-    const int64_t size = m.sizes[d];
-    row += (point % size) * m.strides[d];
-    point /= size;
-  }
-  return row;
-}
-
 // Tile rows are point-major: point pt owns rows pt*kp1 (h) and pt*kp1 + s (tangent s-1).
 // Fills columns [x_col, x_col + d_in + cond_in_kernel) of every tile row.
 template <typename T, int WIDTH>

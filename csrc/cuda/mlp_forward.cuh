@@ -48,6 +48,17 @@ struct CondRowMap {
   int64_t strides[kMaxCondDims] = {};
 };
 
+// The cond row read by point `point` (shared by the forward and backward kernels).
+__host__ __device__ inline int64_t cond_row_of(const CondRowMap& m, int64_t point) {
+  int64_t row = 0;
+  for (int d = m.ndim - 1; d >= 0; --d) {
+    const int64_t size = m.sizes[d];
+    row += (point % size) * m.strides[d];
+    point /= size;
+  }
+  return row;
+}
+
 struct MlpForwardArgs {
   MlpMode mode = MlpMode::kJacobian;
   ScalarKind dtype = ScalarKind::kFloat32;
