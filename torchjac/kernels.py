@@ -2,7 +2,8 @@
 
 They flatten the leading dims, map each point to its row of the broadcast
 ``cond``, and run the reference math over chunks of points small enough that
-the per-layer rows ``[h; t]`` of a chunk stay in cache.
+the per-layer rows ``[h; t]`` of a chunk stay in cache. They run below autograd,
+so the reference math may write its buffers in place (``differentiable=False``).
 """
 import math
 
@@ -72,7 +73,7 @@ def forward(mode, x, cond, weights, biases, activations, activation_params, skip
     for rows in points.chunks(rows_per_chunk(k, weights, x.element_size())):
         y_rows, out_rows = reference.forward(
             mode, points.x[rows], points.cond_rows(rows), weights, biases, activations, activation_params,
-            skip_layers, None if flat_tangents is None else flat_tangents[rows])
+            skip_layers, None if flat_tangents is None else flat_tangents[rows], differentiable=False)
         y[rows] = y_rows
         out[rows] = out_rows
     return y.view(*points.lead, d_out), out.view(output_shape(mode, points.lead, d_in, d_out, tangents))
@@ -94,7 +95,8 @@ def backward(mode, grad_y, grad_out, x, cond, weights, biases, activations, acti
     for rows in points.chunks(rows_per_chunk(k, weights, x.element_size())):
         g = reference.backward(
             mode, grad_y[rows], grad_out[rows], points.x[rows], points.cond_rows(rows), weights, biases,
-            activations, activation_params, skip_layers, None if flat_tangents is None else flat_tangents[rows])
+            activations, activation_params, skip_layers, None if flat_tangents is None else flat_tangents[rows],
+            differentiable=False)
         grad_x[rows] = g.x
         points.add_cond_grad(grad_cond, rows, g.cond)
         for total, part in zip(grad_weights + grad_biases, g.weights + g.biases):

@@ -9,8 +9,12 @@ Backward: the hand-written reverse of that pass. It recomputes the forward,
 keeping one layer state per layer, then walks back through the layers. It needs
 the activations' second derivative, because ``t`` depends on ``z`` via ``act'``.
 
-Both functions are built from differentiable ops only: the CPU kernels run them
-as they are, and double backward is autograd through ``backward``.
+Both functions are built from differentiable ops, so double backward is autograd
+through ``backward``. The CPU kernels run them below autograd with
+``differentiable=False``, which lets them write the rows in place.
+
+Rows are laid out tangent-major, (1+k, P, n): the value row and each tangent
+are contiguous blocks, and one GEMM of all (1+k)*P rows does a layer.
 
 Shapes: x (P, d_in), cond (P, c) (c may be 0), tangents (P, k, d_in) or None,
 weights[i] (out_i, in_i), biases[i] (out_i,). Layer 0 reads ``cat([x, cond])``;
@@ -26,80 +30,107 @@ MODES = ("jacobian", "divergence", "jvp", "hutchinson")
 
 
 class LayerState(NamedTuple):
-    rows: Optional[torch.Tensor]  # (P, 1+k, n_h): [h; t] entering the layer, None for layer 0
+    rows: Optional[torch.Tensor]  # (1+k, P, n_h): [h; t] entering the layer, None for layer 0
     z: torch.Tensor               # (P, out) pre-activation
-    tz: torch.Tensor              # (P, k, out) tangents before the activation
+    tz: torch.Tensor              # (k, P, out) tangents before the activation (layer 0: broadcast over P)
 
 
-def _input_tangent_term(w_x: torch.Tensor, tangents: Optional[torch.Tensor], n_points: int) -> torch.Tensor:
-    """W_x applied to each tangent: (P, k, out). For basis tangents it is W_x^T, shared by all points."""
+def _input_tangent_term(w_x: torch.Tensor, tangents: Optional[torch.Tensor]) -> torch.Tensor:
+    """W_x applied to each tangent: (k, P, out). For basis tangents it is W_x^T, shared by all points (k, 1, out)."""
     if tangents is None:
-        return w_x.t().unsqueeze(0).expand(n_points, -1, -1)
-    return tangents @ w_x.t()
+        return w_x.t().unsqueeze(1)
+    return tangents.transpose(0, 1) @ w_x.t()
 
 
-def _propagate(x, cond, weights, biases, activations, activation_params, skip_layers, tangents, keep_states):
+def _stack_rows(head, tail, scale, differentiable):
+    """[head; scale * tail] as one (1+k, P, n) tensor, the input of a layer's GEMMs (scale None means 1).
+
+    head is (P, n); tail is (k, P, n) or (k, 1, n) when shared by all points.
+    """
+    if differentiable:
+        scaled = tail if scale is None else scale * tail
+        return torch.cat([head.unsqueeze(0), scaled.expand(tail.shape[0], *head.shape)], 0)
+    # Below autograd, write both parts straight into one buffer: no concatenation copy.
+    rows = head.new_empty(1 + tail.shape[0], *head.shape)
+    rows[0] = head
+    if scale is None:
+        rows[1:] = tail
+    else:
+        torch.mul(scale, tail, out=rows[1:])
+    return rows
+
+
+def _propagate(x, cond, weights, biases, activations, activation_params, skip_layers, tangents, keep_states,
+               differentiable):
+    """The output value h (P, d_out) and tangents t (k, P, d_out), and each layer's state if asked for."""
     n_points, d_in = x.shape
     inp = torch.cat([x, cond], 1) if cond.shape[1] else x
-    h = t = None
+    rows = z = tz = None
     states: List[LayerState] = []
     for i, (w, b) in enumerate(zip(weights, biases)):
+        code, p0, p1 = activations[i], activation_params[2 * i], activation_params[2 * i + 1]
         if i == 0:
-            rows = None
             z = torch.addmm(b, inp, w.t())
-            tz = _input_tangent_term(w[:, :d_in], tangents, n_points)
+            tz = _input_tangent_term(w[:, :d_in], tangents)
         else:
-            n_h = h.shape[1]
-            rows = torch.cat([h.unsqueeze(1), t], 1)
-            zr = rows @ w[:, :n_h].t()  # one GEMM for the value row and all tangent rows
-            z = zr[:, 0] + b
-            tz = zr[:, 1:]
+            n_h = rows.shape[2]
+            zr = rows.view(-1, n_h) @ w[:, :n_h].t()  # one GEMM for the value row and all tangent rows
+            zr = zr.view(rows.shape[0], n_points, w.shape[0])
+            z = zr[0].add_(b) if not differentiable else zr[0] + b
+            tz = zr[1:]
             if i in skip_layers:
                 z = z + inp @ w[:, n_h:].t()
-                tz = tz + _input_tangent_term(w[:, n_h:n_h + d_in], tangents, n_points)
+                tz = tz + _input_tangent_term(w[:, n_h:n_h + d_in], tangents)
         if keep_states:
             states.append(LayerState(rows, z, tz))
-        code, p0, p1 = activations[i], activation_params[2 * i], activation_params[2 * i + 1]
+        if i + 1 == len(weights):
+            break
         if code == act.Act.IDENTITY:
-            h, t = z, tz
+            rows = _stack_rows(z, tz, None, differentiable)
         else:
-            h = act.value(code, p0, p1, z)
-            t = act.derivative(code, p0, p1, z).unsqueeze(1) * tz
-    return h, t, states
+            rows = _stack_rows(act.value(code, p0, p1, z), tz, act.derivative(code, p0, p1, z), differentiable)
+    code, p0, p1 = activations[-1], activation_params[-2], activation_params[-1]
+    if code == act.Act.IDENTITY:
+        return z, tz.expand(-1, n_points, -1), states
+    return act.value(code, p0, p1, z), act.derivative(code, p0, p1, z) * tz, states
 
 
 def reduce_tangents(mode: str, t: torch.Tensor, tangents: Optional[torch.Tensor]) -> torch.Tensor:
-    """The op's second output from the output tangents t (P, k, d_out)."""
+    """The op's second output from the output tangents t (k, P, d_out)."""
     if mode == "jacobian":
-        return t.transpose(1, 2)
+        return t.permute(1, 2, 0)
     if mode == "divergence":
-        return t.diagonal(0, 1, 2).sum(-1)
+        return t.diagonal(0, 0, 2).sum(-1)
     if mode == "jvp":
-        return t
+        return t.transpose(0, 1)
     if mode == "hutchinson":
-        return (t * tangents).sum(-1).mean(-1)
+        return (t * tangents.transpose(0, 1)).sum(-1).mean(0)
     raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
 
 
 def _grad_of_tangents(mode: str, grad_out: torch.Tensor, tangents: Optional[torch.Tensor], d_out: int) -> torch.Tensor:
-    """Adjoint of reduce_tangents: the gradient w.r.t. t (P, k, d_out)."""
+    """Adjoint of reduce_tangents: the gradient w.r.t. t (k, P, d_out)."""
     if mode == "jacobian":
-        return grad_out.transpose(1, 2)
+        return grad_out.permute(2, 0, 1)
     if mode == "divergence":
         eye = torch.eye(d_out, dtype=grad_out.dtype, device=grad_out.device)
-        return grad_out[:, None, None] * eye
+        return grad_out[None, :, None] * eye[:, None, :]
     if mode == "jvp":
-        return grad_out
+        return grad_out.transpose(0, 1)
     if mode == "hutchinson":
-        return grad_out[:, None, None] * tangents / tangents.shape[1]
+        return grad_out[None, :, None] * tangents.transpose(0, 1) / tangents.shape[1]
     raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
 
 
-def forward(mode, x, cond, weights, biases, activations, activation_params, skip_layers, tangents=None):
-    """(y, out) of one op on flat rows. ``tangents`` is the jvp tangents or the Hutchinson noise."""
+def forward(mode, x, cond, weights, biases, activations, activation_params, skip_layers, tangents=None, *,
+            differentiable=True):
+    """(y, out) of one op on flat rows. ``tangents`` is the jvp tangents or the Hutchinson noise.
+
+    ``differentiable=False`` lets the pass write into its buffers in place; the kernels use it below autograd.
+    """
     basis = mode in ("jacobian", "divergence")
     y, t, _ = _propagate(x, cond, weights, biases, activations, activation_params, skip_layers,
-                         None if basis else tangents, keep_states=False)
+                         None if basis else tangents, keep_states=False, differentiable=differentiable)
     return y, reduce_tangents(mode, t, tangents)
 
 
@@ -112,12 +143,15 @@ class Grads(NamedTuple):
 
 
 def backward(mode, grad_y, grad_out, x, cond, weights: Sequence[torch.Tensor], biases, activations,
-             activation_params, skip_layers, tangents=None) -> Grads:
-    """Gradients of <grad_y, y> + <grad_out, out> w.r.t. x, cond, weights, biases and jvp tangents."""
+             activation_params, skip_layers, tangents=None, *, differentiable=True) -> Grads:
+    """Gradients of <grad_y, y> + <grad_out, out> w.r.t. x, cond, weights, biases and jvp tangents.
+
+    With ``differentiable=True`` (double backward) autograd can run through it.
+    """
     basis = mode in ("jacobian", "divergence")
     v = None if basis else tangents
     y, t, states = _propagate(x, cond, weights, biases, activations, activation_params, skip_layers,
-                              v, keep_states=True)
+                              v, keep_states=True, differentiable=differentiable)
     n_points, d_in = x.shape
     inp = torch.cat([x, cond], 1) if cond.shape[1] else x
     g_h = grad_y
@@ -131,32 +165,34 @@ def backward(mode, grad_y, grad_out, x, cond, weights: Sequence[torch.Tensor], b
         """Gradient of layer weights reading cat([x, cond]) for the value row and W_x v for the tangent rows."""
         nonlocal g_inp, g_v
         g_w_in = g_z.t() @ inp
-        g_w_x = g_tz.sum(0).t() if v is None else torch.einsum("pko,pkd->od", g_tz, v)
+        g_w_x = g_tz.sum(1).t() if v is None else torch.einsum("kpo,pkd->od", g_tz, v)
         g_w_in = g_w_in + torch.nn.functional.pad(g_w_x, (0, inp.shape[1] - d_in))
         g_inp = g_inp + g_z @ w_in
         if g_v is not None:
-            g_v = g_v + g_tz @ w_in[:, :d_in]
+            g_v = g_v + (g_tz @ w_in[:, :d_in]).transpose(0, 1)
         return g_w_in
 
     for i in reversed(range(len(weights))):
         w, state = weights[i], states[i]
         code, p0, p1 = activations[i], activation_params[2 * i], activation_params[2 * i + 1]
         if code == act.Act.IDENTITY:
-            g_z, g_tz = g_h, g_t
+            g_z, d1 = g_h, None
         else:
             d1 = act.derivative(code, p0, p1, state.z)
             d2 = act.second_derivative(code, p0, p1, state.z)
-            g_z = g_h * d1 + (g_t * state.tz).sum(1) * d2
-            g_tz = d1.unsqueeze(1) * g_t
+            g_z = g_h * d1 + (g_t * state.tz).sum(0) * d2
         g_biases[i] = g_z.sum(0)
+        g_rows = _stack_rows(g_z, g_t, d1, differentiable)  # [g_z; g_tz], g_tz = d1 * g_t
+        g_tz = g_rows[1:]
         if i == 0:
             g_weights[i] = input_grads(w, g_z, g_tz)
             continue
-        n_h = state.rows.shape[2]
-        g_rows = torch.cat([g_z.unsqueeze(1), g_tz], 1)
-        g_w_h = g_rows.flatten(0, 1).t() @ state.rows.flatten(0, 1)  # one GEMM over all rows
-        g_prev = g_rows @ w[:, :n_h]                                    # one GEMM over all rows
-        g_h, g_t = g_prev[:, 0], g_prev[:, 1:]
+        rows = state.rows
+        n_h = rows.shape[2]
+        g_rows = g_rows.view(-1, w.shape[0])
+        g_w_h = g_rows.t() @ rows.view(-1, n_h)  # one GEMM over all rows
+        g_prev = (g_rows @ w[:, :n_h]).view(rows.shape)  # one GEMM over all rows
+        g_h, g_t = g_prev[0], g_prev[1:]
         if i in skip_layers:
             g_weights[i] = torch.cat([g_w_h, input_grads(w[:, n_h:], g_z, g_tz)], 1)
         else:
