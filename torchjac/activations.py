@@ -89,7 +89,8 @@ def derivative(code: int, p0: float, p1: float, z: torch.Tensor) -> torch.Tensor
     if code == Act.LEAKY_RELU:
         return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, p0))
     if code == Act.SOFTPLUS:
-        return torch.where(z * p0 > p1, torch.ones_like(z), torch.sigmoid(z * p0))
+        bz = z if p0 == 1.0 else z * p0
+        return torch.where(bz > p1, 1.0, torch.sigmoid(bz))
     if code == Act.SILU:
         s = torch.sigmoid(z)
         return s * (1 + z * (1 - s))
@@ -109,7 +110,7 @@ def derivative(code: int, p0: float, p1: float, z: torch.Tensor) -> torch.Tensor
         s = torch.sigmoid(z)
         return s * (1 - s)
     if code == Act.ELU:
-        return torch.where(z > 0, torch.ones_like(z), p0 * torch.exp(z))
+        return torch.where(z > 0, 1.0, p0 * torch.exp(z))
     if code == Act.SINE:
         return p0 * torch.cos(p0 * z)
     raise ValueError(f"unknown activation code {code}")
@@ -164,8 +165,9 @@ def second_derivative(code: int, p0: float, p1: float, z: torch.Tensor) -> torch
     if code in (Act.IDENTITY, Act.RELU, Act.LEAKY_RELU):
         return torch.zeros_like(z)
     if code == Act.SOFTPLUS:
-        s = torch.sigmoid(z * p0)
-        return torch.where(z * p0 >= p1, torch.zeros_like(z), p0 * s * (1 - s))
+        bz = z if p0 == 1.0 else z * p0
+        s = torch.sigmoid(bz)
+        return torch.where(bz >= p1, 0.0, p0 * s * (1 - s))
     if code == Act.SILU:
         s = torch.sigmoid(z)
         return s * (1 - s) * (2 + z * (1 - 2 * s))
@@ -185,7 +187,7 @@ def second_derivative(code: int, p0: float, p1: float, z: torch.Tensor) -> torch
         s = torch.sigmoid(z)
         return s * (1 - s) * (1 - 2 * s)
     if code == Act.ELU:
-        return torch.where(z >= 0, torch.zeros_like(z), p0 * torch.exp(z))
+        return torch.where(z >= 0, 0.0, p0 * torch.exp(z))
     if code == Act.SINE:
         return -(p0 * p0) * torch.sin(p0 * z)
     raise ValueError(f"unknown activation code {code}")
