@@ -163,31 +163,53 @@ def _noise(shape, x: torch.Tensor, kind: str, generator: Optional[torch.Generato
     return e.to(x.device)
 
 
+def _check_noise(noise, x, num_samples, generator) -> torch.Tensor:
+    """A user's noise tensor, x.shape or (S, *x.shape), as (S, *x.shape); a constant (not differentiated)."""
+    _check_tensor("divergence", "noise", noise, like=x)
+    if num_samples != 1 or generator is not None:
+        raise ValueError("torchjac.divergence: num_samples and generator describe noise that torchjac draws; "
+                         "with a noise tensor, its first dim is the number of samples")
+    samples = noise.unsqueeze(0) if noise.dim() == x.dim() else noise
+    if samples.dim() != x.dim() + 1 or tuple(samples.shape[1:]) != tuple(x.shape):
+        raise ValueError(f"torchjac.divergence: noise expected shape {tuple(x.shape)} (x's) or "
+                         f"{('num_samples', *x.shape)}, got {tuple(noise.shape)}")
+    return samples.detach()
+
+
 def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estimator: str = "exact",
                num_samples: int = 1, noise: str = "rademacher", generator: Optional[torch.Generator] = None,
                return_output: bool = False, event_dims: int = 1, chunk_size: Optional[int] = None):
     """Per-point divergence (trace of the Jacobian), shape ``x.shape[:-event_dims]``. Needs ``d_out == d_in``.
 
     ``estimator="hutchinson"`` returns the unbiased estimate ``mean_s e_s^T J e_s`` over ``num_samples``
-    noise vectors per point, drawn as ``noise`` ("rademacher" or "gaussian") from ``generator``.
+    noise vectors per point, drawn as ``noise`` ("rademacher" or "gaussian") from ``generator``. ``noise`` may
+    instead be a tensor of noise vectors, of shape ``x.shape`` or ``(S, *x.shape)``, for instance to reuse one
+    draw over every step of an ODE solve (FFJORD); it is a constant and is not differentiated.
     """
     if estimator not in _ESTIMATORS:
         raise ValueError(f"torchjac.divergence: estimator expected one of {_ESTIMATORS}, got {estimator!r}")
+    given_noise = torch.is_tensor(noise)
+    if given_noise and estimator != "hutchinson":
+        raise ValueError("torchjac.divergence: a noise tensor is only used with estimator=\"hutchinson\", "
+                         f"got estimator={estimator!r}")
     if estimator == "hutchinson":
-        if noise not in _NOISES:
-            raise ValueError(f"torchjac.divergence: noise expected one of {_NOISES}, got {noise!r}")
+        if not given_noise and noise not in _NOISES:
+            raise ValueError(f"torchjac.divergence: noise expected one of {_NOISES} or a tensor of noise "
+                             f"vectors, got {noise!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"torchjac.divergence: num_samples expected a positive int, got {num_samples!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"torchjac.divergence: generator expected a torch.Generator, got "
                             f"{type(generator).__name__}")
+    user_noise = _check_noise(noise, x, num_samples, generator) if given_noise else None
     x, fused = _route("divergence", f, x, cond, event_dims, chunk_size)
     if fused is None:
         model = _generic_model(f, cond)
         if estimator == "exact":
             y, div = generic.divergence("divergence", model, x, event_dims, chunk_size)
         else:
-            e = _noise((num_samples, *x.shape), x, noise, generator)
+            e = _noise((num_samples, *x.shape), x, noise, generator) if user_noise is None else \
+                user_noise.expand(-1, *x.shape)
             y, div = generic.hutchinson("divergence", model, x, event_dims, e, chunk_size)
         return (y, div) if return_output else div
     if fused.spec.d_out != fused.spec.d_in:
@@ -195,8 +217,13 @@ def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estim
                          f"but f maps {fused.spec.d_in} -> {fused.spec.d_out}")
     if estimator == "exact":
         y, div = torch.ops.torchjac.mlp_divergence(*fused.args())
-    else:
+    elif user_noise is None:
         e = _noise((*fused.x.shape[:-1], num_samples, fused.spec.d_in), fused.x, noise, generator)
+        y, div = torch.ops.torchjac.mlp_hutchinson(*fused.args(), e)
+    else:  # (S, *x.shape) in f's layout -> (*lead, S, d_in), the op's layout
+        if fused.spec.layout == spec_lib.CHANNELS_FIRST:
+            user_noise = user_noise.movedim(-2, -1)
+        e = user_noise.expand(-1, *fused.x.shape).movedim(0, -2)
         y, div = torch.ops.torchjac.mlp_hutchinson(*fused.args(), e)
     y = fused.output(y)
     return (y, div) if return_output else div
