@@ -1,10 +1,19 @@
 """Shared helpers. The oracles use torch.func and plain autograd only, never torchjac's own math."""
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from torch import nn
 from torch.func import jacrev, vmap
 
 import torchjac
+
+# Fuzzing profiles (tests/test_fuzz.py): "short" by default, "long" with --hypothesis-profile=long.
+_SLOW_EXAMPLES_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("short", max_examples=100, deadline=None, derandomize=True,
+                          suppress_health_check=_SLOW_EXAMPLES_OK)
+settings.register_profile("long", max_examples=1000, deadline=None, print_blob=True,
+                          suppress_health_check=_SLOW_EXAMPLES_OK)
+settings.load_profile("short")
 
 ACTIVATIONS = {
     "relu": nn.ReLU(), "leaky_relu": nn.LeakyReLU(0.2), "softplus": nn.Softplus(beta=3.0, threshold=4.0),

@@ -81,8 +81,8 @@ def hutchinson(fn_name, f, x, event_dims, noise, chunk_size):
     y, vjp_fn = func_vjp(pf.call, x)
     _check_square(pf, y)
     products = vmap(lambda e: vjp_fn(e.view_as(y))[0], chunk_size=chunk_size)(noise)  # e^T J
-    n_samples = noise.shape[0]
-    quad = (products.reshape(n_samples, *pf.batch, -1) * noise.reshape(n_samples, *pf.batch, -1)).sum(-1)
+    n_samples, d = noise.shape[0], math.prod(pf.in_event)  # d spelled out: -1 is ambiguous for zero points
+    quad = (products.reshape(n_samples, *pf.batch, d) * noise.reshape(n_samples, *pf.batch, d)).sum(-1)
     return y, quad.mean(0)
 
 

@@ -1,0 +1,221 @@
+"""Random point-wise MLPs and inputs, and the check of every torchjac function on them against autograd.
+
+The strategy ``cases()`` draws the model (form, depth, widths, activations and
+their parameters, cond, skips) and the input (leading shape, zero-size,
+non-contiguous, dtype). ``check(case)`` runs jacobian, divergence (exact and
+Hutchinson with a fixed noise), jvp, their outputs and their gradients w.r.t.
+x, cond, v and every parameter, and compares all of them with the autograd
+``create_graph`` oracle evaluated in float64.
+
+float64 results must match the oracle to 1e-10 of the result's scale. A
+float32 result must be within 1e-5 of its scale, or else no further from the
+float64 oracle than 4x PyTorch's own float32 autograd: deep, wide or
+high-frequency models lose digits in float32 whatever computes them.
+"""
+import copy
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+import torchjac
+from torchjac.mlp import broadcast_cat
+
+MAX_WIDTH = 300
+
+
+def _activation_modules():
+    """Every supported activation, with its parameters drawn."""
+    pos = dict(allow_nan=False, allow_infinity=False)
+    return st.one_of(
+        st.just(nn.ReLU()),
+        st.floats(0.0, 0.5, **pos).map(nn.LeakyReLU),
+        st.builds(nn.Softplus, beta=st.floats(0.25, 50.0, **pos), threshold=st.floats(1.0, 30.0, **pos)),
+        st.just(nn.SiLU()),
+        st.just(nn.GELU()),
+        st.just(nn.GELU(approximate="tanh")),
+        st.just(nn.Tanh()),
+        st.just(nn.Sigmoid()),
+        st.floats(0.1, 2.0, **pos).map(nn.ELU),
+        st.just(nn.Identity()),
+        st.floats(0.5, 30.0, **pos).map(torchjac.Sine),
+    )
+
+
+class Case(NamedTuple):
+    form: str                      # "point_mlp", "sequential" or "function" (the generic path)
+    d_in: int
+    d_out: int
+    widths: Tuple[int, ...]
+    activations: Tuple[nn.Module, ...]  # one per hidden layer (PointMLP: the first is used for all)
+    final_activation: Optional[nn.Module]
+    cond_features: int
+    skip_layers: Tuple[int, ...]
+    lead: Tuple[int, ...]
+    cond_lead: Optional[Tuple[int, ...]]  # cond's leading dims (each x's or 1, maybe fewer dims); None: no cond
+    non_contiguous: bool
+    num_samples: int
+    dtype: torch.dtype
+    seed: int
+
+
+@st.composite
+def cases(draw):
+    form = draw(st.sampled_from(["point_mlp", "sequential", "function"]))
+    depth = draw(st.sampled_from(range(1, 7)))  # Linear layers; sampled_from draws them evenly
+    widths = tuple(draw(st.one_of(st.integers(1, 32), st.integers(1, MAX_WIDTH))) for _ in range(depth - 1))
+    activations = tuple(draw(_activation_modules()) for _ in range(depth - 1))
+    final_activation = draw(st.one_of(st.none(), _activation_modules())) if form != "point_mlp" else None
+    lead = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
+    with_cond = draw(st.booleans())
+    cond_features = draw(st.integers(1, 4)) if with_cond else 0
+    cond_lead = None
+    if with_cond:
+        kept = draw(st.integers(0, len(lead)))  # cond may have fewer leading dims than x
+        cond_lead = tuple(n if draw(st.booleans()) else 1 for n in lead[len(lead) - kept:])
+    skips = ()
+    if form == "point_mlp" and depth > 1:
+        skips = tuple(sorted(draw(st.sets(st.integers(1, depth - 1), max_size=depth - 1))))
+    return Case(form, draw(st.integers(1, 16)), draw(st.integers(1, 16)), widths, activations, final_activation,
+                cond_features, skips, lead, cond_lead, draw(st.booleans()), draw(st.integers(1, 3)),
+                draw(st.sampled_from([torch.float32, torch.float64])), draw(st.integers(0, 2 ** 31 - 1)))
+
+
+def build_model(case: Case) -> nn.Module:
+    """The model of a case, in float64; its float32 twin is a copy."""
+    torch.manual_seed(case.seed)
+    if case.form == "point_mlp":
+        act = copy.deepcopy(case.activations[0]) if case.activations else "identity"
+        return torchjac.PointMLP(case.d_in, list(case.widths), case.d_out, activation=act,
+                                 cond_features=case.cond_features, skip_layers=case.skip_layers).double()
+    sizes = [case.d_in + case.cond_features, *case.widths, case.d_out]
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(case.activations):
+            layers.append(copy.deepcopy(case.activations[i]))
+    if case.final_activation is not None:
+        layers.append(copy.deepcopy(case.final_activation))
+    return nn.Sequential(*layers).double()
+
+
+def _call(model, x, cond):
+    """The model as torchjac calls it: a Sequential on cat([x, cond]) (broadcast), a PointMLP on (x, cond)."""
+    if cond is None:
+        return model(x)
+    return model(broadcast_cat(x, cond)) if isinstance(model, nn.Sequential) else model(x, cond)
+
+
+def _as_function(model):
+    """A plain function torchjac cannot lower: it takes the generic path."""
+    def f(x, cond=None):
+        return _call(model, x, cond)
+    return f
+
+
+def _oracle_jacobian(model, x, cond):
+    """(y, J) by the create_graph autograd loop over output components, differentiable w.r.t. everything."""
+    lead = x.shape[:-1] if cond is None else torch.broadcast_shapes(x.shape[:-1], cond.shape[:-1])
+    xb = x.expand(*lead, x.shape[-1])  # each broadcast copy of a point is its own point
+    y = _call(model, xb, cond)
+    rows = [torch.autograd.grad(y[..., i].sum(), xb, create_graph=True)[0] for i in range(y.shape[-1])]
+    return y, torch.stack(rows, -2)
+
+
+def _inputs(case: Case, dtype: torch.dtype):
+    """x (maybe non-contiguous), cond, jvp v and Hutchinson noise, drawn in float64 from the case's seed."""
+    gen = torch.Generator().manual_seed(case.seed)
+    if case.non_contiguous:  # every other feature of a wider tensor, leading dims reversed
+        wide = torch.randn(*case.lead[::-1], 2 * case.d_in, generator=gen, dtype=torch.float64).to(dtype)
+        x = wide[..., ::2].permute(*reversed(range(len(case.lead))), len(case.lead))
+    else:
+        x = torch.randn(*case.lead, case.d_in, generator=gen, dtype=torch.float64).to(dtype)
+    cond = None
+    if case.cond_lead is not None:
+        cond = torch.randn(*case.cond_lead, case.cond_features, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(*case.lead, case.d_in, generator=gen, dtype=torch.float64).to(dtype)
+    noise = torch.randn(case.num_samples, *case.lead, case.d_in, generator=gen, dtype=torch.float64).to(dtype)
+    return x, cond, v, noise
+
+
+def _leaves(model, x, cond, v):
+    named = {"x": x, "v": v, **({"cond": cond} if cond is not None else {})}
+    named.update({f"param {n}": p for n, p in model.named_parameters()})
+    for t in named.values():
+        t.requires_grad_(True)
+    return named
+
+
+def _results(case: Case, model, x, cond, v, noise, loss_weights, oracle: bool):
+    """{name: tensor} of every output and every gradient, by torchjac or (oracle=True) by autograd."""
+    named = _leaves(model, x, cond, v)
+    square = case.d_in == case.d_out
+    f = _as_function(model) if case.form == "function" else model
+    out = {}
+    if oracle:
+        y, jac = _oracle_jacobian(model, x, cond)
+        lead = jac.shape[:-2]
+        outputs = {"jacobian": jac, "jvp": (jac @ v.expand(*lead, case.d_in).unsqueeze(-1)).squeeze(-1)}
+        if square:
+            outputs["divergence"] = jac.diagonal(0, -2, -1).sum(-1)
+            e = noise.expand(case.num_samples, *lead, case.d_in)
+            outputs["hutchinson"] = torch.einsum("s...i,...ij,s...j->s...", e, jac, e).mean(0)
+        ys = {name: y for name in outputs}
+    else:
+        ys, outputs = {}, {}
+        ys["jacobian"], outputs["jacobian"] = torchjac.jacobian(f, x, cond=cond, return_output=True)
+        ys["jvp"], outputs["jvp"] = torchjac.jvp(f, x, v, cond=cond, return_output=True)
+        if square:
+            ys["divergence"], outputs["divergence"] = torchjac.divergence(f, x, cond=cond, return_output=True)
+            ys["hutchinson"], outputs["hutchinson"] = torchjac.divergence(
+                f, x, cond=cond, estimator="hutchinson", noise=noise, return_output=True)
+    for mode, result in outputs.items():
+        out[f"{mode} value"], out[f"{mode} y"] = result, ys[mode]
+        w_out, w_y = loss_weights(mode, result), loss_weights("y", ys[mode])
+        loss = (w_out * result).sum() + (w_y * ys[mode]).sum()
+        inputs = [t for name, t in named.items() if name != "v" or mode == "jvp"]
+        names = [name for name in named if name != "v" or mode == "jvp"]
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True, retain_graph=True)
+        for name, g, t in zip(names, grads, inputs):
+            out[f"{mode} grad {name}"] = torch.zeros_like(t) if g is None else g
+    return {k: t.detach().to(torch.float64) for k, t in out.items()}
+
+
+def _loss_weights(seed):
+    cache = {}
+
+    def weights(mode, t):
+        key = (mode, tuple(t.shape))
+        if key not in cache:
+            cache[key] = torch.randn(t.shape, generator=torch.Generator().manual_seed(seed + len(cache)),
+                                     dtype=torch.float64)
+        return cache[key].to(t.dtype)
+    return weights
+
+
+def check(case: Case):
+    """Assert every torchjac result of the case equals the float64 oracle (see the module docstring)."""
+    model64 = build_model(case)
+    model = model64 if case.dtype == torch.float64 else copy.deepcopy(model64).float()
+    expected = _results(case, model64, *_inputs(case, torch.float64), _loss_weights(case.seed), oracle=True)
+    actual = _results(case, copy.deepcopy(model), *_inputs(case, case.dtype), _loss_weights(case.seed),
+                      oracle=False)
+    pytorch32 = None
+    if case.dtype == torch.float32:
+        pytorch32 = _results(case, model, *_inputs(case, torch.float32), _loss_weights(case.seed), oracle=True)
+    assert actual.keys() == expected.keys(), (sorted(actual), sorted(expected))
+    for name, want in expected.items():
+        got = actual[name]
+        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        if want.numel() == 0:
+            continue
+        assert torch.isfinite(want).all(), f"{name}: the oracle is not finite; the case is out of range"
+        scale = max(want.abs().max().item(), 1.0)
+        error = (got - want).abs().max().item()
+        if pytorch32 is None:
+            bound = 1e-10 * scale
+        else:
+            bound = max(1e-5 * scale, 4 * (pytorch32[name] - want).abs().max().item())
+        assert error <= bound, (f"{name}: max error {error:.3e} > bound {bound:.3e} (scale {scale:.3e}, "
+                                f"{case.dtype})")

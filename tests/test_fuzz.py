@@ -1,0 +1,13 @@
+"""Property-based fuzzing of every torchjac function against the autograd oracle (see tests/fuzzing.py).
+
+The default hypothesis profile "short" runs a few dozen derandomized examples.
+The long profile runs 1000 random ones: ``make fuzz``.
+"""
+from hypothesis import given
+
+import fuzzing
+
+
+@given(case=fuzzing.cases())
+def test_random_models_match_the_oracle(case):
+    fuzzing.check(case)
