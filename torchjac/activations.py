@@ -11,6 +11,10 @@ Each derivative matches the one PyTorch's own autograd uses, including the
 choice at kinks: ReLU'(0) = 0, LeakyReLU'(0) = slope, ELU'(0) = alpha but
 ELU''(0) = 0, and Softplus' = 1 when beta*z > threshold but Softplus'' = 0
 already when beta*z >= threshold.
+
+One deliberate difference: at a NaN pre-activation every derivative is NaN.
+PyTorch's ReLU and LeakyReLU backward give 0 or the slope there, which would
+turn a NaN point into a finite, wrong Jacobian.
 """
 import math
 from enum import IntEnum
@@ -84,10 +88,10 @@ def derivative(code: int, p0: float, p1: float, z: torch.Tensor) -> torch.Tensor
     """d value / d z, written with differentiable ops so autograd gives the second derivative."""
     if code == Act.IDENTITY:
         return torch.ones_like(z)
-    if code == Act.RELU:
-        return (z > 0).to(z.dtype)
+    if code == Act.RELU:  # the inner where passes a NaN z through
+        return torch.where(z > 0, 1.0, torch.where(z <= 0, 0.0, z))
     if code == Act.LEAKY_RELU:
-        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, p0))
+        return torch.where(z > 0, 1.0, torch.where(z <= 0, p0, z))
     if code == Act.SOFTPLUS:
         bz = z if p0 == 1.0 else z * p0
         return torch.where(bz > p1, 1.0, torch.sigmoid(bz))

@@ -60,11 +60,29 @@ def _stack_rows(head, tail, scale, differentiable):
     return rows
 
 
+def _non_finite_points(inp: torch.Tensor) -> torch.Tensor:
+    """(P, 1): 0 where a point's input row is finite, NaN where it holds a NaN or an infinity.
+
+    Added to the first layer's activation slope, it makes every tangent of such a point NaN. Without it
+    an infinite input saturating a Tanh would give a finite Jacobian of 0.
+    """
+    return (inp - inp).sum(1, keepdim=True)
+
+
+def _tangent_scale(code, p0, p1, z, non_finite):
+    """act'(z), which scales the tangents (None for Identity), with the first layer's non-finite points NaN."""
+    slope = None if code == act.Act.IDENTITY else act.derivative(code, p0, p1, z)
+    if non_finite is None:
+        return slope
+    return non_finite + 1 if slope is None else slope + non_finite
+
+
 def _propagate(x, cond, weights, biases, activations, activation_params, skip_layers, tangents, keep_states,
                differentiable):
     """The output value h (P, d_out) and tangents t (k, P, d_out), and each layer's state if asked for."""
     n_points, d_in = x.shape
     inp = torch.cat([x, cond], 1) if cond.shape[1] else x
+    non_finite = _non_finite_points(inp)
     rows = z = tz = None
     states: List[LayerState] = []
     for i, (w, b) in enumerate(zip(weights, biases)):
@@ -83,16 +101,12 @@ def _propagate(x, cond, weights, biases, activations, activation_params, skip_la
                 tz = tz + _input_tangent_term(w[:, n_h:n_h + d_in], tangents)
         if keep_states:
             states.append(LayerState(rows, z, tz))
+        h = act.value(code, p0, p1, z)
+        scale = _tangent_scale(code, p0, p1, z, non_finite if i == 0 else None)
         if i + 1 == len(weights):
-            break
-        if code == act.Act.IDENTITY:
-            rows = _stack_rows(z, tz, None, differentiable)
-        else:
-            rows = _stack_rows(act.value(code, p0, p1, z), tz, act.derivative(code, p0, p1, z), differentiable)
-    code, p0, p1 = activations[-1], activation_params[-2], activation_params[-1]
-    if code == act.Act.IDENTITY:
-        return z, tz.expand(-1, n_points, -1), states
-    return act.value(code, p0, p1, z), act.derivative(code, p0, p1, z) * tz, states
+            t = tz if scale is None else scale * tz
+            return h, t.expand(-1, n_points, -1), states
+        rows = _stack_rows(h, tz, scale, differentiable)
 
 
 def reduce_tangents(mode: str, t: torch.Tensor, tangents: Optional[torch.Tensor]) -> torch.Tensor:
@@ -154,6 +168,7 @@ def backward(mode, grad_y, grad_out, x, cond, weights: Sequence[torch.Tensor], b
                               v, keep_states=True, differentiable=differentiable)
     n_points, d_in = x.shape
     inp = torch.cat([x, cond], 1) if cond.shape[1] else x
+    non_finite = _non_finite_points(inp)
     g_h = grad_y
     g_t = _grad_of_tangents(mode, grad_out, tangents, y.shape[1])
     g_inp = torch.zeros_like(inp)
@@ -175,10 +190,10 @@ def backward(mode, grad_y, grad_out, x, cond, weights: Sequence[torch.Tensor], b
     for i in reversed(range(len(weights))):
         w, state = weights[i], states[i]
         code, p0, p1 = activations[i], activation_params[2 * i], activation_params[2 * i + 1]
-        if code == act.Act.IDENTITY:
-            g_z, d1 = g_h, None
+        d1 = _tangent_scale(code, p0, p1, state.z, non_finite if i == 0 else None)
+        if d1 is None:
+            g_z = g_h
         else:
-            d1 = act.derivative(code, p0, p1, state.z)
             d2 = act.second_derivative(code, p0, p1, state.z)
             g_z = g_h * d1 + (g_t * state.tz).sum(0) * d2
         g_biases[i] = g_z.sum(0)
