@@ -62,6 +62,11 @@ def _route(fn: str, f, x, cond, event_dims, chunk_size=None):
     if not callable(f):
         raise TypeError(f"torchjac.{fn}: f expected a callable (an nn.Module or a function), got "
                         f"{type(f).__name__}")
+    if isinstance(f, nn.parallel.DistributedDataParallel):
+        # DDP synchronizes the gradients of what its own forward computes; torchjac's passes would bypass it.
+        raise TypeError(f"torchjac.{fn}: f is a DistributedDataParallel wrapper, whose gradients would not be "
+                        f"synchronized; call torchjac.{fn} on the wrapped model inside the forward of the "
+                        f"module you wrap in DistributedDataParallel (see the README, Distributed training)")
     spec_lib.refuse_point_mixing(fn, f)
     c = 0 if cond is None else cond.shape[-1]
     if isinstance(f, PointMLP) and f.cond_features != c:
