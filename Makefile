@@ -15,7 +15,7 @@ test: setup
 bench: setup
 	$(PYTHON) bench/bench_cpu.py
 
-# The long fuzzing profile: 1000 random models against the autograd oracle (tests/fuzzing.py).
+# The long fuzzing profile: 5000 random models against the autograd oracle (tests/fuzzing.py).
 fuzz: setup
 	$(PYTHON) -m pytest -q tests/test_fuzz.py --hypothesis-profile=long --hypothesis-show-statistics
 

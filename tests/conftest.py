@@ -11,7 +11,7 @@ import torchjac
 _SLOW_EXAMPLES_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("short", max_examples=100, deadline=None, derandomize=True,
                           suppress_health_check=_SLOW_EXAMPLES_OK)
-settings.register_profile("long", max_examples=1000, deadline=None, print_blob=True,
+settings.register_profile("long", max_examples=5000, deadline=None, print_blob=True,
                           suppress_health_check=_SLOW_EXAMPLES_OK)
 settings.load_profile("short")
 

@@ -1,7 +1,7 @@
 """Property-based fuzzing of every torchjac function against the autograd oracle (see tests/fuzzing.py).
 
 The default hypothesis profile "short" runs a few dozen derandomized examples.
-The long profile runs 1000 random ones: ``make fuzz``.
+The long profile runs 5000 random ones: ``make fuzz``.
 """
 from hypothesis import given
 
