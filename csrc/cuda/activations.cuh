@@ -5,7 +5,6 @@
 // Derivatives at kinks follow PyTorch's autograd: ReLU'(0) = 0,
 // LeakyReLU'(0) = slope, ELU'(0) = alpha, Softplus is the identity when
 // beta * z > threshold. The second derivative is for the backward kernels.
-// At a NaN z every derivative is NaN (PyTorch's ReLU backward gives 0 there).
 #pragma once
 
 #include <math.h>
@@ -88,10 +87,10 @@ TORCHJAC_HD Derivatives<T> evaluate(int code, T p0, T p1, T z) {
   switch (code) {
     case kIdentity:
       return {z, T(1), T(0)};
-    case kRelu:  // a NaN z passes through, value and slope (torchjac/activations.py)
-      return {z > T(0) || z != z ? z : T(0), z > T(0) ? T(1) : (z <= T(0) ? T(0) : z), T(0)};
+    case kRelu:
+      return {z > T(0) ? z : T(0), z > T(0) ? T(1) : T(0), T(0)};
     case kLeakyRelu:
-      return {z > T(0) ? z : z * p0, z > T(0) ? T(1) : (z <= T(0) ? p0 : z), T(0)};
+      return {z > T(0) ? z : z * p0, z > T(0) ? T(1) : p0, T(0)};
     case kSoftplus: {
       const T bz = z * p0;
       if (bz > p1) return {z, T(1), T(0)};
