@@ -9,7 +9,7 @@ import torchjac
 
 # Fuzzing profiles (tests/test_fuzz.py): "short" by default, "long" with --hypothesis-profile=long.
 _SLOW_EXAMPLES_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
-settings.register_profile("short", max_examples=100, deadline=None, derandomize=True,
+settings.register_profile("short", max_examples=200, deadline=None, derandomize=True,
                           suppress_health_check=_SLOW_EXAMPLES_OK)
 settings.register_profile("long", max_examples=5000, deadline=None, print_blob=True,
                           suppress_health_check=_SLOW_EXAMPLES_OK)

@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 import torchjac
-from torchjac.mlp import broadcast_cat
 
 MAX_WIDTH = 300
 
@@ -52,8 +51,8 @@ class Case(NamedTuple):
     final_activation: Optional[nn.Module]
     cond_features: int
     skip_layers: Tuple[int, ...]
-    lead: Tuple[int, ...]
-    cond_lead: Optional[Tuple[int, ...]]  # cond's leading dims (each x's or 1, maybe fewer dims); None: no cond
+    lead: Tuple[int, ...]                 # x's leading dims
+    cond_lead: Optional[Tuple[int, ...]]  # cond's; they broadcast against x's, either way; None: no cond
     non_contiguous: bool
     num_samples: int
     dtype: torch.dtype
@@ -67,17 +66,23 @@ def cases(draw):
     widths = tuple(draw(st.one_of(st.integers(1, 32), st.integers(1, MAX_WIDTH))) for _ in range(depth - 1))
     activations = tuple(draw(_activation_modules()) for _ in range(depth - 1))
     final_activation = draw(st.one_of(st.none(), _activation_modules())) if form != "point_mlp" else None
-    lead = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
+    points = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))  # the broadcast leading shape
+
+    def broadcasting_part():
+        """A suffix of the broadcast shape with some dims 1: x and cond each broadcast the other."""
+        kept = draw(st.integers(0, len(points)))
+        return tuple(n if draw(st.booleans()) else 1 for n in points[len(points) - kept:])
+
     with_cond = draw(st.booleans())
     cond_features = draw(st.integers(1, 4)) if with_cond else 0
-    cond_lead = None
-    if with_cond:
-        kept = draw(st.integers(0, len(lead)))  # cond may have fewer leading dims than x
-        cond_lead = tuple(n if draw(st.booleans()) else 1 for n in lead[len(lead) - kept:])
+    lead = broadcasting_part() if with_cond else points
+    cond_lead = broadcasting_part() if with_cond else None
     skips = ()
     if form == "point_mlp" and depth > 1:
         skips = tuple(sorted(draw(st.sets(st.integers(1, depth - 1), max_size=depth - 1))))
-    return Case(form, draw(st.integers(1, 16)), draw(st.integers(1, 16)), widths, activations, final_activation,
+    d_in = draw(st.integers(1, 16))
+    d_out = draw(st.one_of(st.just(d_in), st.integers(1, 16)))  # half square: divergence needs d_out == d_in
+    return Case(form, d_in, d_out, widths, activations, final_activation,
                 cond_features, skips, lead, cond_lead, draw(st.booleans()), draw(st.integers(1, 3)),
                 draw(st.sampled_from([torch.float32, torch.float64])), draw(st.integers(0, 2 ** 31 - 1)))
 
@@ -104,7 +109,10 @@ def _call(model, x, cond):
     """The model as torchjac calls it: a Sequential on cat([x, cond]) (broadcast), a PointMLP on (x, cond)."""
     if cond is None:
         return model(x)
-    return model(broadcast_cat(x, cond)) if isinstance(model, nn.Sequential) else model(x, cond)
+    if not isinstance(model, nn.Sequential):
+        return model(x, cond)
+    lead = torch.broadcast_shapes(x.shape[:-1], cond.shape[:-1])
+    return model(torch.cat([x.expand(*lead, x.shape[-1]), cond.expand(*lead, cond.shape[-1])], -1))
 
 
 def _as_function(model):
@@ -159,7 +167,8 @@ def _results(case: Case, model, x, cond, v, noise, loss_weights, oracle: bool):
         outputs = {"jacobian": jac, "jvp": (jac @ v.expand(*lead, case.d_in).unsqueeze(-1)).squeeze(-1)}
         if square:
             outputs["divergence"] = jac.diagonal(0, -2, -1).sum(-1)
-            e = noise.expand(case.num_samples, *lead, case.d_in)
+            e = noise.view(case.num_samples, *[1] * (len(lead) - len(case.lead)), *noise.shape[1:])
+            e = e.expand(case.num_samples, *lead, case.d_in)
             outputs["hutchinson"] = torch.einsum("s...i,...ij,s...j->s...", e, jac, e).mean(0)
         ys = {name: y for name in outputs}
     else:

@@ -1,6 +1,6 @@
 """Property-based fuzzing of every torchjac function against the autograd oracle (see tests/fuzzing.py).
 
-The default hypothesis profile "short" runs a few dozen derandomized examples.
+The default hypothesis profile "short" runs 200 derandomized examples.
 The long profile runs 5000 random ones: ``make fuzz``.
 """
 from hypothesis import given

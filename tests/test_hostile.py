@@ -29,8 +29,9 @@ def _all_outputs(f, x, cond=None):
     }
 
 
+@pytest.mark.parametrize("path", ["fused", "generic"])
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-def test_non_finite_inputs_give_nan_derivatives_at_their_points_only(activation):
+def test_non_finite_inputs_give_nan_derivatives_at_their_points_only(activation, path):
     f = _mlp(activation, cond_features=2)
     x = torch.randn(7, 3, dtype=torch.float64)
     cond = torch.randn(7, 2, dtype=torch.float64)
@@ -38,7 +39,8 @@ def test_non_finite_inputs_give_nan_derivatives_at_their_points_only(activation)
     cond[4, 1] = INF
     bad, good = torch.tensor([1, 2, 3, 4]), torch.tensor([0, 5, 6])
     y_ref, jac_ref = oracle_jacobian(f, x[good], cond[good])
-    for name, (y, out) in _all_outputs(f, x, cond).items():
+    model = f if path == "fused" else (lambda p, c: f(p, c))  # a lambda takes the generic path
+    for name, (y, out) in _all_outputs(model, x, cond).items():
         assert out[bad].isnan().all(), f"{name}: a non-finite input must give NaN, got {out[bad]}"
         assert_close64(out[good], {"jacobian": jac_ref, "divergence": jac_ref.diagonal(0, -2, -1).sum(-1),
                                    "hutchinson": jac_ref.sum((-2, -1)), "jvp": jac_ref.sum(-1)}[name])
@@ -64,13 +66,26 @@ def test_a_nan_input_makes_the_training_gradients_nan_not_a_crash(activation):
     assert x.grad[2].isnan().all()
 
 
+def test_a_nan_output_weight_makes_the_jacobian_rows_that_use_it_nan():
+    f = _mlp("tanh")
+    x = torch.randn(6, 3, dtype=torch.float64)
+    # Rows 1 and 2 do not read that weight. (The reverse-mode oracle would spread the NaN to every row
+    # through 0 * NaN, so it runs on the finite model.)
+    expected_rows = oracle_jacobian(f, x)[1][:, 1:]
+    with torch.no_grad():
+        f.layers[2].weight[0, 5] = NAN  # output 0 reads hidden unit 5
+    jac = torchjac.jacobian(f, x)
+    assert jac[:, 0].isnan().all()
+    assert_close64(jac[:, 1:], expected_rows)
+
+
 @pytest.mark.parametrize("activation", NONLINEAR)
 @pytest.mark.parametrize("where", ["weight", "bias"])
 @pytest.mark.parametrize("value", [NAN, INF])
-def test_non_finite_parameters_never_give_a_finite_jacobian(activation, where, value):
+def test_non_finite_hidden_parameters_never_give_a_finite_jacobian(activation, where, value):
     f = _mlp(activation)
     with torch.no_grad():
-        getattr(f.layers[1], where)[3] = value  # unit 3 of the middle layer
+        getattr(f.layers[1], where)[3] = value  # unit 3 of the middle layer: every output depends on it
     x = torch.randn(6, 3, dtype=torch.float64)
     for name, (y, out) in _all_outputs(f, x).items():
         if where == "bias" and value == INF:
@@ -126,8 +141,10 @@ def test_requires_grad_on_some_inputs_only(needs_grad):
     y, out = torchjac.jvp(f, x, v, cond=cond, return_output=True)
     jac = torchjac.jacobian(f, x, cond=cond)
     loss = (out ** 2).sum() + y.sum() + (jac ** 2).sum()
-    leaves = [t for t in (x, cond, v, *f.parameters()) if t.requires_grad]
-    grads = torch.autograd.grad(loss, leaves)
+    loss.backward()
+    everything = (x, cond, v, *f.parameters())
+    assert all(t.grad is None for t in everything if not t.requires_grad)
+    grads = [t.grad for t in everything if t.requires_grad]
 
     f_ref = copy.deepcopy(f)
     x_ref, cond_ref, v_ref = (t.detach().clone().requires_grad_(t.requires_grad) for t in (x, cond, v))
@@ -135,10 +152,10 @@ def test_requires_grad_on_some_inputs_only(needs_grad):
     loss_ref = ((jac_r @ v_ref.unsqueeze(-1)).squeeze(-1) ** 2).sum() + y_r.sum() + (jac_r ** 2).sum()
     leaves_ref = [t for t, orig in zip((x_ref, cond_ref, v_ref, *f_ref.parameters()), (x, cond, v, *f.parameters()))
                   if orig.requires_grad]
-    for got, want in zip(grads, torch.autograd.grad(loss_ref, leaves_ref)):
+    expected = torch.autograd.grad(loss_ref, leaves_ref)
+    assert len(grads) == len(expected) > 0
+    for got, want in zip(grads, expected):
         assert_close64(got, want)
-    if needs_grad in ("x", "cond", "v"):
-        assert not any(p.requires_grad for p in f.parameters())
 
 
 def test_inputs_on_another_device_get_a_clear_error():

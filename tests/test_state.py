@@ -83,6 +83,7 @@ def test_swapped_layers_are_seen():
     seq.append(nn.Sigmoid())                        # a layer added
     _check_current(seq, x)
     seq[1] = nn.Softplus(beta=2.0)
+    _check_current(seq, x)
     seq[1].beta = 5.0                               # an activation parameter changed in place
     _check_current(seq, x)
 

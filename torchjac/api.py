@@ -153,6 +153,7 @@ def jacobian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_
     x, fused = _route("jacobian", f, x, cond, event_dims, chunk_size)
     if fused is None:
         y, jac = generic.jacobian("jacobian", _generic_model(f, cond), x, event_dims, chunk_size)
+        jac = _nan_at_non_finite_points(jac, x, cond, event_dims)
     else:
         y, jac = torch.ops.torchjac.mlp_jacobian(*fused.args())
         y = fused.output(y)
@@ -179,6 +180,24 @@ def _check_noise(noise, x, num_samples, generator) -> torch.Tensor:
         raise ValueError(f"torchjac.divergence: noise expected shape {tuple(x.shape)} (x's) or "
                          f"{('num_samples', *x.shape)}, got {tuple(noise.shape)}")
     return samples.detach()
+
+
+def _expand_noise(samples: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(S, *x.shape) from noise of the user's x shape, x having been broadcast against cond on the left."""
+    missing = x.dim() - (samples.dim() - 1)
+    return samples.view(samples.shape[0], *[1] * missing, *samples.shape[1:]).expand(-1, *x.shape)
+
+
+def _nan_at_non_finite_points(out: torch.Tensor, x: torch.Tensor, cond, event_dims: int) -> torch.Tensor:
+    """The generic path's out with NaN at every point whose x (or cond) entries are not all finite.
+
+    The fused path does this inside the ops (torchjac/reference.py); without it a Tanh saturated by an
+    infinite input would give a finite Jacobian.
+    """
+    poison = (x - x).sum(tuple(range(x.dim() - event_dims, x.dim())))
+    if cond is not None and event_dims == 1:
+        poison = poison + (cond - cond).sum(-1)
+    return out + poison.reshape(poison.shape + (1,) * (out.dim() - poison.dim()))
 
 
 def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estimator: str = "exact",
@@ -214,8 +233,9 @@ def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estim
             y, div = generic.divergence("divergence", model, x, event_dims, chunk_size)
         else:
             e = _noise((num_samples, *x.shape), x, noise, generator) if user_noise is None else \
-                user_noise.expand(-1, *x.shape)
+                _expand_noise(user_noise, x)
             y, div = generic.hutchinson("divergence", model, x, event_dims, e, chunk_size)
+        div = _nan_at_non_finite_points(div, x, cond, event_dims)
         return (y, div) if return_output else div
     if fused.spec.d_out != fused.spec.d_in:
         raise ValueError(f"torchjac.divergence: f must map d_in to d_in features for a divergence, "
@@ -228,7 +248,7 @@ def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estim
     else:  # (S, *x.shape) in f's layout -> (*lead, S, d_in), the op's layout
         if fused.spec.layout == spec_lib.CHANNELS_FIRST:
             user_noise = user_noise.movedim(-2, -1)
-        e = user_noise.expand(-1, *fused.x.shape).movedim(0, -2)
+        e = _expand_noise(user_noise, fused.x).movedim(0, -2)
         y, div = torch.ops.torchjac.mlp_hutchinson(*fused.args(), e)
     y = fused.output(y)
     return (y, div) if return_output else div
@@ -246,6 +266,7 @@ def jvp(f, x: torch.Tensor, v: torch.Tensor, *, cond: Optional[torch.Tensor] = N
             raise ValueError(f"torchjac.jvp: v expected a shape that broadcasts to x's {tuple(x.shape)}, "
                              f"got {tuple(v.shape)}") from None
         y, out = generic.jvp("jvp", _generic_model(f, cond), x, event_dims, v)
+        out = _nan_at_non_finite_points(out, x, cond, event_dims)
         return (y, out) if return_output else out
     if fused.spec.layout == spec_lib.CHANNELS_FIRST:
         if v.dim() < 2:  # a (C,) vector would broadcast against N, not C
