@@ -23,11 +23,11 @@ ACTIVATIONS = {
 
 
 def call_model(f, x, cond):
-    """f as torchjac calls it: an nn.Sequential receives cat([x, cond]), any other model f(x, cond)."""
+    """f as torchjac calls it: an nn.Sequential receives cat([x, cond]) (broadcast), any other model f(x, cond)."""
     if cond is None:
         return f(x)
     if isinstance(f, nn.Sequential):
-        return f(torch.cat([x, cond], -1))
+        return f(torch.cat(broadcast_inputs(x, cond), -1))
     return f(x, cond)
 
 
@@ -53,9 +53,13 @@ def oracle_jacobian(f, x, cond=None):
 
 
 def autograd_jacobian(f, x, cond=None):
-    """The create_graph autograd loop users write today; differentiable w.r.t. everything."""
-    y = call_model(f, x, cond)
-    rows = [torch.autograd.grad(y[..., i].sum(), x, create_graph=True)[0] for i in range(y.shape[-1])]
+    """The create_graph autograd loop users write today; differentiable w.r.t. everything.
+
+    Where cond broadcasts x, each broadcast copy of a point is its own point.
+    """
+    points = broadcast_inputs(x, cond)[0] if cond is not None else x
+    y = call_model(f, points, cond)
+    rows = [torch.autograd.grad(y[..., i].sum(), points, create_graph=True)[0] for i in range(y.shape[-1])]
     return y, torch.stack(rows, -2)
 
 

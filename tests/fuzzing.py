@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import torchjac
+from conftest import autograd_jacobian, call_model
 
 MAX_WIDTH = 300
 
@@ -105,30 +106,11 @@ def build_model(case: Case) -> nn.Module:
     return nn.Sequential(*layers).double()
 
 
-def _call(model, x, cond):
-    """The model as torchjac calls it: a Sequential on cat([x, cond]) (broadcast), a PointMLP on (x, cond)."""
-    if cond is None:
-        return model(x)
-    if not isinstance(model, nn.Sequential):
-        return model(x, cond)
-    lead = torch.broadcast_shapes(x.shape[:-1], cond.shape[:-1])
-    return model(torch.cat([x.expand(*lead, x.shape[-1]), cond.expand(*lead, cond.shape[-1])], -1))
-
-
 def _as_function(model):
     """A plain function torchjac cannot lower: it takes the generic path."""
     def f(x, cond=None):
-        return _call(model, x, cond)
+        return call_model(model, x, cond)
     return f
-
-
-def _oracle_jacobian(model, x, cond):
-    """(y, J) by the create_graph autograd loop over output components, differentiable w.r.t. everything."""
-    lead = x.shape[:-1] if cond is None else torch.broadcast_shapes(x.shape[:-1], cond.shape[:-1])
-    xb = x.expand(*lead, x.shape[-1])  # each broadcast copy of a point is its own point
-    y = _call(model, xb, cond)
-    rows = [torch.autograd.grad(y[..., i].sum(), xb, create_graph=True)[0] for i in range(y.shape[-1])]
-    return y, torch.stack(rows, -2)
 
 
 def _inputs(case: Case, dtype: torch.dtype):
@@ -162,7 +144,7 @@ def _results(case: Case, model, x, cond, v, noise, loss_weights, oracle: bool):
     f = _as_function(model) if case.form == "function" else model
     out = {}
     if oracle:
-        y, jac = _oracle_jacobian(model, x, cond)
+        y, jac = autograd_jacobian(model, x, cond)
         lead = jac.shape[:-2]
         outputs = {"jacobian": jac, "jvp": (jac @ v.expand(*lead, case.d_in).unsqueeze(-1)).squeeze(-1)}
         if square:

@@ -29,6 +29,12 @@ def _all_outputs(f, x, cond=None):
     }
 
 
+def _expected(name, jac):
+    """What _all_outputs' function `name` gives for the Jacobian jac (noise and v are ones)."""
+    return {"jacobian": jac, "divergence": jac.diagonal(0, -2, -1).sum(-1), "hutchinson": jac.sum((-2, -1)),
+            "jvp": jac.sum(-1)}[name]
+
+
 @pytest.mark.parametrize("path", ["fused", "generic"])
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 def test_non_finite_inputs_give_nan_derivatives_at_their_points_only(activation, path):
@@ -42,8 +48,7 @@ def test_non_finite_inputs_give_nan_derivatives_at_their_points_only(activation,
     model = f if path == "fused" else (lambda p, c: f(p, c))  # a lambda takes the generic path
     for name, (y, out) in _all_outputs(model, x, cond).items():
         assert out[bad].isnan().all(), f"{name}: a non-finite input must give NaN, got {out[bad]}"
-        assert_close64(out[good], {"jacobian": jac_ref, "divergence": jac_ref.diagonal(0, -2, -1).sum(-1),
-                                   "hutchinson": jac_ref.sum((-2, -1)), "jvp": jac_ref.sum(-1)}[name])
+        assert_close64(out[good], _expected(name, jac_ref))
         # y is f(x) exactly as PyTorch computes it, non-finite entries included
         torch.testing.assert_close(y, f(x, cond), rtol=1e-12, atol=1e-12, equal_nan=True)
         assert_close64(y[good], y_ref)
@@ -91,9 +96,7 @@ def test_non_finite_hidden_parameters_never_give_a_finite_jacobian(activation, w
         if where == "bias" and value == INF:
             # An infinite bias saturates unit 3 (slope 0 or 1 for most activations); the Jacobian is
             # the limit, which is defined, so it must equal PyTorch's, NaN where PyTorch's is NaN.
-            jac_ref = oracle_jacobian(f, x)[1]
-            expected = {"jacobian": jac_ref, "divergence": jac_ref.diagonal(0, -2, -1).sum(-1),
-                        "hutchinson": jac_ref.sum((-2, -1)), "jvp": jac_ref.sum(-1)}[name]
+            expected = _expected(name, oracle_jacobian(f, x)[1])
             torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10, equal_nan=True)
         else:
             assert not out.isfinite().any(), f"{name}: a {value} {where} gave finite entries {out}"
