@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from . import generic
+from . import generic, reference
 from . import spec as spec_lib
 from .mlp import PointMLP, broadcast_cat
 from .trace import NotFusable
@@ -191,12 +191,11 @@ def _expand_noise(samples: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _nan_at_non_finite_points(out: torch.Tensor, x: torch.Tensor, cond, event_dims: int) -> torch.Tensor:
     """The generic path's out with NaN at every point whose x (or cond) entries are not all finite.
 
-    The fused path does this inside the ops (torchjac/reference.py); without it a Tanh saturated by an
-    infinite input would give a finite Jacobian.
+    The fused path does this inside the ops.
     """
-    poison = (x - x).sum(tuple(range(x.dim() - event_dims, x.dim())))
+    poison = reference.non_finite_points(x, tuple(range(x.dim() - event_dims, x.dim())))
     if cond is not None and event_dims == 1:
-        poison = poison + (cond - cond).sum(-1)
+        poison = poison + reference.non_finite_points(cond, -1)
     return out + poison.reshape(poison.shape + (1,) * (out.dim() - poison.dim()))
 
 

@@ -60,13 +60,13 @@ def _stack_rows(head, tail, scale, differentiable):
     return rows
 
 
-def _non_finite_points(inp: torch.Tensor) -> torch.Tensor:
-    """(P, 1): 0 where a point's input row is finite, NaN where it holds a NaN or an infinity.
+def non_finite_points(inp: torch.Tensor, dims, keepdim: bool = False) -> torch.Tensor:
+    """0 where a point's entries (over dims) are all finite, NaN where one is a NaN or an infinity.
 
-    Added to the first layer's activation slope, it makes every tangent of such a point NaN. Without it
-    an infinite input saturating a Tanh would give a finite Jacobian of 0.
+    Added to the first layer's activation slope, it makes every tangent of such a point NaN (the generic
+    path adds it to its results). Without it an infinite input saturating a Tanh would give J = 0.
     """
-    return (inp - inp).sum(1, keepdim=True)
+    return (inp - inp).sum(dims, keepdim=keepdim)
 
 
 def _tangent_scale(code, p0, p1, z, non_finite):
@@ -82,7 +82,7 @@ def _propagate(x, cond, weights, biases, activations, activation_params, skip_la
     """The output value h (P, d_out) and tangents t (k, P, d_out), and each layer's state if asked for."""
     n_points, d_in = x.shape
     inp = torch.cat([x, cond], 1) if cond.shape[1] else x
-    non_finite = _non_finite_points(inp)
+    non_finite = non_finite_points(inp, 1, keepdim=True)
     rows = z = tz = None
     states: List[LayerState] = []
     for i, (w, b) in enumerate(zip(weights, biases)):
@@ -168,7 +168,7 @@ def backward(mode, grad_y, grad_out, x, cond, weights: Sequence[torch.Tensor], b
                               v, keep_states=True, differentiable=differentiable)
     n_points, d_in = x.shape
     inp = torch.cat([x, cond], 1) if cond.shape[1] else x
-    non_finite = _non_finite_points(inp)
+    non_finite = non_finite_points(inp, 1, keepdim=True)
     g_h = grad_y
     g_t = _grad_of_tangents(mode, grad_out, tangents, y.shape[1])
     g_inp = torch.zeros_like(inp)
