@@ -4,10 +4,13 @@ Each call takes one of two paths. The fused path lowers f to the ops' MLP
 description (torchjac/spec.py) and calls a torchjac op. The generic path
 (torchjac/generic.py) serves every other point-wise callable.
 """
+import inspect
 from typing import NamedTuple, Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import nn
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from . import generic, reference
 from . import spec as spec_lib
@@ -48,10 +51,51 @@ def _check_event_dims(fn, event_dims, x):
         raise ValueError(f"torchjac.{fn}: event_dims expected an int in [1, x.dim()={x.dim()}], got {event_dims!r}")
 
 
-def _route(fn: str, f, x, cond, event_dims, chunk_size=None):
+def _check_call(fn: str, f, has_cond: bool):
+    """Raise a clear error when f cannot be called the way torchjac calls it: f(x), or f(x, cond).
+
+    An nn.Sequential is called on cat([x, cond]) and always fits.
+    """
+    if isinstance(f, nn.Sequential):
+        return
+    target = f.forward if isinstance(f, nn.Module) else f
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # a builtin: nothing to check
+        return
+    name = f"{type(f).__name__}.forward" if isinstance(f, nn.Module) else getattr(f, "__name__", "f")
+    params = list(signature.parameters)
+    call = "f(x, cond)" if has_cond else "f(x)"
+    if len(params) >= 2 and params[0] in ("t", "time"):
+        # torchdiffeq's and FFJORD's dynamics take (t, y); called as f(x, cond) they would get the points as t.
+        raise ValueError(f"torchjac.{fn}: {name}({', '.join(params)}) takes the time first, but torchjac calls "
+                         f"{call} with the points first; pass the points as x and the time as cond with "
+                         f"`lambda y, t: model(t, y)` as f")
+    try:
+        signature.bind(*(("x", "cond") if has_cond else ("x",)))
+    except TypeError as e:
+        hint = ("pass a model whose forward takes (x, cond), or concatenate cond into x yourself"
+                if has_cond else "pass cond=..., or wrap the model in a function of x alone")
+        raise ValueError(f"torchjac.{fn}: torchjac calls {call}, but {name}({', '.join(params)}) cannot be "
+                         f"called so ({e}); {hint}") from None
+
+
+def _transformed(tensors) -> bool:
+    """Whether torch.func (vmap, grad, jvp, ...) or forward-mode AD sees any of the tensors.
+
+    The fused ops have reverse-mode autograd only, so such calls take the generic path, which is
+    built from torch.func and composes with every transform.
+    """
+    if not torch.compiler.is_compiling() and any(is_functorch_wrapped_tensor(t) for t in tensors):
+        return True
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _route(fn: str, f, x, cond, event_dims, chunk_size=None, extra=()):
     """(x, fused call) for f; the fused call is None when the generic path computes f.
 
     With event_dims=1 and a cond whose leading dims broadcast beyond x's, x comes back expanded.
+    ``extra`` are the other tensors the op would read (jvp tangents, noise).
     """
     _check_tensor(fn, "x", x)
     if cond is not None:
@@ -67,7 +111,8 @@ def _route(fn: str, f, x, cond, event_dims, chunk_size=None):
         raise TypeError(f"torchjac.{fn}: f is a DistributedDataParallel wrapper, whose gradients would not be "
                         f"synchronized; call torchjac.{fn} on the wrapped model inside the forward of the "
                         f"module you wrap in DistributedDataParallel (see the README, Distributed training)")
-    spec_lib.refuse_point_mixing(fn, f)
+    spec_lib.refuse_point_mixing(fn, f, event_dims, x.dim())
+    _check_call(fn, f, cond is not None)
     c = 0 if cond is None else cond.shape[-1]
     if isinstance(f, PointMLP) and f.cond_features != c:
         if cond is None:
@@ -100,7 +145,14 @@ def _route(fn: str, f, x, cond, event_dims, chunk_size=None):
         return x, None
     except ValueError as e:
         raise ValueError(f"torchjac.{fn}: {e}") from None
-    return x, _fused_call(fn, x, cond, spec)
+    fused = _fused_call(fn, x, cond, spec)
+    if _transformed([x, cond, *spec.weights, *spec.biases, *extra]):
+        if channels_first:
+            raise ValueError(f"torchjac.{fn}: torch.func transforms and forward-mode AD over a channels-first "
+                             f"Conv1d stack are not supported (the generic path that serves them needs features "
+                             f"in the last dim); move the features last and use nn.Linear layers")
+        return x, None
+    return x, fused
 
 
 def _broadcast_points(fn, x, cond):
@@ -225,7 +277,8 @@ def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estim
             raise TypeError(f"torchjac.divergence: generator expected a torch.Generator, got "
                             f"{type(generator).__name__}")
     user_noise = _check_noise(noise, x, num_samples, generator) if given_noise else None
-    x, fused = _route("divergence", f, x, cond, event_dims, chunk_size)
+    x, fused = _route("divergence", f, x, cond, event_dims, chunk_size,
+                      extra=() if user_noise is None else (user_noise,))
     if fused is None:
         model = _generic_model(f, cond)
         if estimator == "exact":
@@ -256,8 +309,8 @@ def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estim
 def jvp(f, x: torch.Tensor, v: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_output: bool = False,
         event_dims: int = 1):
     """Per-point Jacobian-vector product ``J v``, shaped like f(x); v broadcasts against x."""
-    x, fused = _route("jvp", f, x, cond, event_dims)
     _check_tensor("jvp", "v", v, like=x)
+    x, fused = _route("jvp", f, x, cond, event_dims, extra=(v,))
     if fused is None:
         try:
             v = v.expand_as(x)

@@ -89,8 +89,10 @@ def backward(mode, grad_y, grad_out, x, cond, weights, biases, activations, acti
     grad_out = grad_out.reshape(output_shape(mode, (points.n,), d_in, d_out, tangents))
     grad_x = x.new_zeros(points.x.shape)
     grad_cond = cond.new_zeros(points.cond.shape)
-    grad_weights = [torch.zeros_like(w) for w in weights]
-    grad_biases = [torch.zeros_like(b) for b in biases]
+    # Contiguous, whatever the parameters' strides (a transposed or tied weight): the fake kernel and the
+    # CUDA kernels return them so.
+    grad_weights = [w.new_zeros(w.shape) for w in weights]
+    grad_biases = [b.new_zeros(b.shape) for b in biases]
     grad_tangents = x.new_zeros(flat_tangents.shape) if mode == "jvp" else None
     for rows in points.chunks(rows_per_chunk(k, weights, x.element_size())):
         g = reference.backward(

@@ -2,17 +2,25 @@
 
 Three kinds of model run on the fused ops: ``PointMLP``; an ``nn.Sequential`` of
 Linear layers (or, channels-first, ``Conv1d(kernel_size=1)`` layers) and
-supported activations; and user-written modules that torch.fx recognizes as such
-a chain (torchjac/trace.py). Everything else is computed by the generic path.
+supported activations; and user-written modules, Sequential subclasses with a
+forward of their own among them, that torch.fx recognizes as such a chain
+(torchjac/trace.py). Everything else is computed by the generic path.
+
+A model is lowered by what its forward does: an ``nn.Sequential`` is read as a
+chain only when its class keeps ``nn.Sequential.forward``, and then in the order
+that forward calls its modules, a module used twice included. A module with
+hooks runs on the generic path, which calls it as the user does.
 
 Parameters are read at every call (never cached), so parametrizations such as
-weight_norm, ``torch.func.functional_call`` and in-place weight updates all
-see the current values and gradients reach the real parameters.
+weight_norm (the parametrization and the older hook), ``torch.func.functional_call``
+and in-place weight updates all see the current values and gradients reach the
+real parameters.
 """
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils.weight_norm import WeightNorm  # the older weight_norm's forward pre-hook
 
 from . import activations as act
 from .mlp import PointMLP
@@ -44,44 +52,106 @@ class MLPSpec(NamedTuple):
         return self.weights, self.biases, self.activations, self.activation_params, self.skip_layers
 
 
+def current(module: nn.Module, name: str) -> torch.Tensor:
+    """The parameter ``name`` of module as its forward would use it now.
+
+    The older ``torch.nn.utils.weight_norm`` keeps ``g`` and ``v`` as parameters and refreshes the plain
+    attribute only in a forward pre-hook, so between calls that attribute is stale (after an optimizer step,
+    ``load_state_dict`` or ``.double()``); it is recomputed here from ``g`` and ``v``, as the hook does.
+    """
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == name:
+            return hook.compute_weight(module)
+    return getattr(module, name)
+
+
+def _weight(layer: nn.Module) -> torch.Tensor:
+    return current(layer, "weight")
+
+
 def _bias(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    return layer.bias if layer.bias is not None else weight.new_zeros(weight.shape[0])
+    bias = current(layer, "bias")
+    return bias if bias is not None else weight.new_zeros(weight.shape[0])
+
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def hooks_reason(f: nn.Module) -> Optional[str]:
+    """Why f cannot be lowered because of its hooks, or None. Hooks run only when a module is called,
+    and the fused ops never call it; the older weight_norm's hook is the one whose effect they reproduce."""
+    for name in _GLOBAL_HOOKS:
+        if getattr(nn.modules.module, name, None):
+            return "global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"
+    for name, m in f.named_modules():
+        kinds = [kind for kind, hooks in (("forward", m._forward_hooks), ("backward", m._backward_hooks),
+                                          ("backward pre-", getattr(m, "_backward_pre_hooks", {})))
+                 if hooks]
+        if any(not isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values()):
+            kinds.append("forward pre-")
+        if kinds:
+            where = f"module {name!r} ({type(m).__name__})" if name else f"{type(m).__name__}"
+            return (f"{where} has {' and '.join(k + 'hooks' for k in kinds)}, which run only when the module "
+                    f"is called; the generic path calls it")
+    return None
 
 
 # ---- models that cannot be point-wise
 
-def _point_mixing_reason(m: nn.Module):
-    """Why module m mixes points (or is random per point), or None."""
+def _spatial_dims(m: nn.Module) -> Optional[int]:
+    """The spatial dims a torch.nn conv, pool or instance-norm module works on (its class's 1d/2d/3d)."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return len(m.kernel_size)
+    for cls in type(m).__mro__:
+        if cls.__module__.startswith("torch.nn") and cls.__name__[-2:] in ("1d", "2d", "3d"):
+            return int(cls.__name__[-2])
+    return None
+
+
+def _point_mixing_reason(m: nn.Module, event_dims: int, ndim: Optional[int]):
+    """Why module m mixes points (or is random per point), or None.
+
+    A point is the last event_dims dims of an ndim-dim x: mixing within those is no mixing of points.
+    """
+    if isinstance(m, (nn.modules.dropout._DropoutNd)) and m.training and m.p > 0:
+        return "dropout in training mode is random per call; call .eval() on the model (or set p=0)"
+    if ndim is not None and event_dims >= ndim:  # x is a single point
+        return None
     if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
         return ("BatchNorm in training mode (or without running stats) normalizes over the batch, so points are "
                 "not independent and the per-point Jacobian is not defined; call .eval() to use its running "
                 "statistics")
-    if isinstance(m, (nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)):
-        return "it normalizes over the points (spatial dims)"
-    if isinstance(m, (nn.modules.dropout._DropoutNd)) and m.training and m.p > 0:
-        return "dropout in training mode is random per call; call .eval() on the model (or set p=0)"
-    if isinstance(m, (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoderLayer,
-                      nn.TransformerDecoderLayer, nn.RNNBase)):
-        return "it mixes the entries of a sequence"
+    spatial = _spatial_dims(m)
+    within_event = spatial is not None and event_dims >= 1 + spatial  # channels and spatial dims in one point
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm) and not within_event:
+        return (f"it normalizes over the points (spatial dims); with event_dims={1 + spatial} a point is "
+                f"(channels, *spatial) and nothing mixes across points")
+    if isinstance(m, nn.GroupNorm) and not (ndim is not None and event_dims >= ndim - 1):
+        return "it normalizes over the channels and spatial dims; with event_dims=x.dim()-1 each sample is a point"
+    if isinstance(m, (nn.MultiheadAttention, nn.RNNBase)) and not (event_dims >= 2 and m.batch_first):
+        return ("it mixes the entries of a sequence; with batch_first=True and event_dims=2 a point is a whole "
+                "sequence")
     pools = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
              nn.modules.pooling._AdaptiveAvgPoolNd)
-    if isinstance(m, pools):
-        return "it pools over points"
-    if isinstance(m, nn.modules.conv._ConvNd):
+    if isinstance(m, pools) and not within_event:
+        return f"it pools over points; with event_dims={1 + spatial} a point is (channels, *spatial)"
+    if isinstance(m, nn.modules.conv._ConvNd) and not within_event:
         # With kernel 1, padding "same" and "valid" are both no padding.
         no_padding = isinstance(m.padding, str) or all(p == 0 for p in m.padding)
         pointwise = all(k == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride) and no_padding
         if not pointwise:
-            return "a convolution with kernel_size, stride or padding other than 1, 1, 0 mixes neighbouring points"
+            return (f"a convolution with kernel_size, stride or padding other than 1, 1, 0 mixes neighbouring "
+                    f"points; with event_dims={1 + spatial} a point is (channels, *spatial)")
     return None
 
 
-def refuse_point_mixing(fn: str, f):
+def refuse_point_mixing(fn: str, f, event_dims: int = 1, ndim: Optional[int] = None):
     """Raise for a module known to couple points: its per-point Jacobian would be wrong, not just slow."""
     if not isinstance(f, nn.Module):
         return
     for name, m in f.named_modules():
-        reason = _point_mixing_reason(m)
+        reason = _point_mixing_reason(m, event_dims, ndim)
         if reason is not None:
             where = f"module {name!r} ({type(m).__name__})" if name else f"f ({type(m).__name__})"
             raise ValueError(f"torchjac.{fn}: {where}: {reason}")
@@ -92,7 +162,7 @@ def refuse_point_mixing(fn: str, f):
 def _from_point_mlp(f: PointMLP) -> MLPSpec:
     code, p0, p1 = act.encode(f.activation)
     n = len(f.layers)
-    weights = [layer.weight for layer in f.layers]
+    weights = [_weight(layer) for layer in f.layers]
     return MLPSpec(
         weights, [_bias(layer, w) for layer, w in zip(f.layers, weights)],
         [int(code)] * (n - 1) + [int(act.Act.IDENTITY)], [p0, p1] * (n - 1) + [0.0, 0.0],
@@ -101,22 +171,46 @@ def _from_point_mlp(f: PointMLP) -> MLPSpec:
 
 # ---- nn.Sequential
 
-def _flatten(seq: nn.Sequential, prefix: str = ""):
-    for name, m in seq.named_children():
-        if isinstance(m, nn.Sequential):
-            yield from _flatten(m, f"{prefix}{name}.")
+def is_plain_sequential(m) -> bool:
+    """An nn.Sequential (or subclass) whose forward is nn.Sequential's: it calls its modules in turn."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+def _chain(seq: nn.Sequential, prefix: str = ""):
+    """(name, module) in the order seq's forward calls them, a module registered twice included
+    (``named_children`` would yield it once). Nested plain Sequentials are opened."""
+    for name, m in seq._modules.items():
+        if is_plain_sequential(m):
+            yield from _chain(m, f"{prefix}{name}.")
         else:
             yield f"{prefix}{name}", m
 
 
+def _chain_layer_kind(m: nn.Module) -> bool:
+    return (isinstance(m, (nn.Linear, nn.Conv1d, nn.Identity, nn.modules.dropout._DropoutNd, nn.BatchNorm1d))
+            or act.encode(m) is not None)
+
+
+def _unsupported_in_chain(f: nn.Sequential) -> Optional[str]:
+    """Why f is not a chain the Sequential lowering reads, or None."""
+    if not is_plain_sequential(f):
+        return f"{type(f).__name__} is an nn.Sequential subclass with its own forward"
+    for name, m in _chain(f):
+        if not _chain_layer_kind(m):
+            what = ("an nn.Sequential subclass with its own forward" if isinstance(m, nn.Sequential)
+                    else "not supported by the fused MLP path")
+            return f"nn.Sequential layer {name!r} ({type(m).__name__}) is {what}; supported: {_SUPPORTED}"
+    return None
+
+
 def sequential_layout(f: nn.Sequential) -> str:
-    convs = any(isinstance(m, nn.Conv1d) for _, m in _flatten(f))
+    convs = any(isinstance(m, nn.Conv1d) for _, m in _chain(f))
     return CHANNELS_FIRST if convs else CHANNELS_LAST
 
 
 def _conv1d_weight(m: nn.Conv1d) -> torch.Tensor:
     """A 1x1 Conv1d as a Linear weight (out, in); groups give a block-diagonal matrix."""
-    w = m.weight[:, :, 0]
+    w = _weight(m)[:, :, 0]
     if m.groups == 1:
         return w
     return torch.block_diag(*w.chunk(m.groups, 0))
@@ -141,7 +235,7 @@ def _from_sequential(f: nn.Sequential, n_inputs: int, cond_features: int, x: tor
         add_layer(torch.eye(width, dtype=like.dtype, device=like.device),
                   torch.zeros(width, dtype=like.dtype, device=like.device))
 
-    for name, m in _flatten(f):
+    for name, m in _chain(f):
         where = f"nn.Sequential layer {name!r} ({type(m).__name__})"
         if isinstance(m, (nn.Linear, nn.Conv1d)):
             if isinstance(m, nn.Linear) and layout == CHANNELS_FIRST:
@@ -150,7 +244,7 @@ def _from_sequential(f: nn.Sequential, n_inputs: int, cond_features: int, x: tor
             n_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
             if n_in != width:
                 raise ValueError(f"{where}: expected {width} input features (the width reaching it), got {n_in}")
-            w = m.weight if isinstance(m, nn.Linear) else _conv1d_weight(m)
+            w = _weight(m) if isinstance(m, nn.Linear) else _conv1d_weight(m)
             add_layer(w, _bias(m, w))
             width = w.shape[0]
         elif isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)):
@@ -185,9 +279,26 @@ def _from_sequential(f: nn.Sequential, n_inputs: int, cond_features: int, x: tor
 # ---- user-written modules, through their torch.fx recipe
 
 @torch.compiler.assume_constant_result
+class Recognition(NamedTuple):
+    recipe: Optional[Recipe]  # None when f is not recognized
+    reason: str               # why not
+
+
+@torch.compiler.assume_constant_result
+def _recognize(f: nn.Module, has_cond: bool) -> Recognition:
+    # Evaluated once while torch.compile traces: the result is plain Python values. It returns, never
+    # raises, the reason a model is not recognized: torch.compile cannot trace an exception out of here.
+    try:
+        return Recognition(recognize(f, has_cond), "")
+    except NotFusable as e:
+        return Recognition(None, str(e))
+
+
 def _recipe(f: nn.Module, has_cond: bool) -> Recipe:
-    # Evaluated once while torch.compile traces: the recipe is plain Python values.
-    return recognize(f, has_cond)
+    recognition = _recognize(f, has_cond)
+    if recognition.recipe is None:
+        raise NotFusable(recognition.reason)
+    return recognition.recipe
 
 
 def _column_blocks(weight: torch.Tensor, blocks, widths) -> dict:
@@ -208,7 +319,7 @@ def from_recipe(f: nn.Module, recipe: Recipe, d_in: int, cond_features: int) -> 
     width_h = 0
     for i, layer in enumerate(recipe.layers):
         linear = f.get_submodule(layer.module)
-        w = linear.weight
+        w = _weight(linear)
         widths = {"h": width_h, "x": d_in, "cond": cond_features}
         try:
             cols = _column_blocks(w, layer.blocks, widths)
@@ -238,41 +349,58 @@ def from_recipe(f: nn.Module, recipe: Recipe, d_in: int, cond_features: int) -> 
 def lower(f, x: torch.Tensor, cond_features: int) -> MLPSpec:
     """The MLP description of f for channels-last x (..., d_in), or NotFusable if only the generic
     path can compute f."""
+    if not isinstance(f, nn.Module):
+        raise NotFusable(f"f is a {type(f).__name__}, not an nn.Module")
+    reason = hooks_reason(f)
+    if reason is not None:
+        raise NotFusable(reason)
+    d_in = x.shape[-1]
     if isinstance(f, PointMLP):
         return _from_point_mlp(f)
     if isinstance(f, nn.Sequential):
-        return _from_sequential(f, x.shape[-1] + cond_features, cond_features, x)
-    if isinstance(f, nn.Module):
-        return from_recipe(f, _recipe(f, cond_features > 0), x.shape[-1], cond_features)
-    raise NotFusable(f"f is a {type(f).__name__}, not an nn.Module")
+        if _unsupported_in_chain(f) is None:
+            return _from_sequential(f, d_in + cond_features, cond_features, x)
+        if sequential_layout(f) == CHANNELS_FIRST:
+            raise NotFusable(_unsupported_in_chain(f))
+        # Any other Sequential is called on cat([x, cond]) too: a recipe of one input, whose columns
+        # are those of x and then cond.
+        spec = from_recipe(f, _recipe(f, False), d_in + cond_features, 0)
+        return spec._replace(d_in=d_in, cond_features=cond_features)
+    return from_recipe(f, _recipe(f, cond_features > 0), d_in, cond_features)
+
+
+def _recipe_detail(f: nn.Module, recipe: Recipe) -> str:
+    skips = [i for i, layer in enumerate(recipe.layers) if i and any(s != "h" for s, _ in layer.blocks)]
+    return (f"{type(f).__name__} traced by torch.fx: {len(recipe.layers)} Linear layers"
+            + (f", skips into layers {skips}" if skips else ""))
 
 
 def explain(f, has_cond: bool = False) -> Tuple[str, str]:
     """(path, detail) for f: which path computes it, and why not the fused one."""
-    if isinstance(f, PointMLP):
-        return "fused", "torchjac.PointMLP"
+    if not isinstance(f, nn.Module):
+        return "generic", f"f is a {type(f).__name__}, not an nn.Module; computed by batched JVPs/VJPs"
     try:
         refuse_point_mixing("explain", f)
     except ValueError as e:
         return "refused", str(e).replace("torchjac.explain: ", "")
+    reason = hooks_reason(f)
+    if reason is not None:
+        return "generic", reason
+    if isinstance(f, PointMLP):
+        return "fused", "torchjac.PointMLP"
     if isinstance(f, nn.Sequential):
-        layout = sequential_layout(f)
-        for name, m in _flatten(f):
-            supported = (isinstance(m, (nn.Linear, nn.Conv1d, nn.Identity, nn.modules.dropout._DropoutNd,
-                                        nn.BatchNorm1d)) or act.encode(m) is not None)
-            if not supported:
-                why = f"nn.Sequential layer {name!r} ({type(m).__name__}) is not supported by the fused path"
-                if layout == CHANNELS_FIRST:  # the generic path needs features in the last dim
-                    return "refused", why + "; a channels-first Conv1d stack has no generic fallback"
-                return "generic", why
-        return "fused", ("nn.Sequential of Conv1d(kernel_size=1), channels-first (B, C, N)"
-                         if layout == CHANNELS_FIRST else "nn.Sequential")
-    if isinstance(f, nn.Module):
-        try:
-            recipe = recognize(f, has_cond)
-        except NotFusable as e:
-            return "generic", str(e)
-        skips = [i for i, layer in enumerate(recipe.layers) if i and any(s != "h" for s, _ in layer.blocks)]
-        return "fused", (f"{type(f).__name__} traced by torch.fx: {len(recipe.layers)} Linear layers"
-                         + (f", skips into layers {skips}" if skips else ""))
-    return "generic", f"f is a {type(f).__name__}, not an nn.Module; computed by batched JVPs/VJPs"
+        unsupported = _unsupported_in_chain(f)
+        channels_first = sequential_layout(f) == CHANNELS_FIRST
+        if unsupported is None:
+            return "fused", ("nn.Sequential of Conv1d(kernel_size=1), channels-first (B, C, N)"
+                             if channels_first else "nn.Sequential")
+        if channels_first:  # the generic path needs features in the last dim
+            return "refused", unsupported + "; a channels-first Conv1d stack has no generic fallback"
+        recognition = _recognize(f, False)
+        if recognition.recipe is None:
+            return "generic", f"{unsupported}, and {recognition.reason}"
+        return "fused", _recipe_detail(f, recognition.recipe)
+    recognition = _recognize(f, has_cond)
+    if recognition.recipe is None:
+        return "generic", recognition.reason
+    return "fused", _recipe_detail(f, recognition.recipe)

@@ -205,6 +205,11 @@ class _Interpreter:
                                      f"Linear/activation chain")
             elif node.op == "output":
                 result = args[0]
+            elif node.op == "get_attr":
+                raise NotFusable(f"node {node.name!r}: the forward reads the tensor {target!r} (a buffer or "
+                                 f"constant, such as a positional encoding's frequency bands) outside any Linear "
+                                 f"layer; the fused path has no input encodings yet, so the generic path computes "
+                                 f"this model, exactly")
             else:
                 raise NotFusable(f"node {node.name!r}: {node.op} {target!r} is not supported")
         return result
@@ -239,13 +244,21 @@ def recognize(module: nn.Module, has_cond: bool) -> Recipe:
     except (TypeError, ValueError):
         raise NotFusable(f"{type(module).__name__}.forward has no inspectable signature") from None
     n_args = 2 if has_cond else 1
-    if len(params) < n_args:
-        raise NotFusable(f"{type(module).__name__}.forward takes {len(params)} arguments, called with {n_args}")
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    named = [p for p in params if p.kind not in variadic]
+    if len(named) < n_args:
+        raise NotFusable(f"{type(module).__name__}.forward takes {len(named)} named arguments, torchjac calls it "
+                         f"with {n_args}")
     concrete = {}
-    for p in params[n_args:]:
+    for p in named[n_args:]:
         if p.default is inspect.Parameter.empty:
-            raise NotFusable(f"{type(module).__name__}.forward needs argument {p.name!r}")
+            raise NotFusable(f"{type(module).__name__}.forward needs argument {p.name!r} besides "
+                             f"{'(x, cond)' if has_cond else 'x'}; give it a default, or pass "
+                             f"lambda x{', cond' if has_cond else ''}: model(...) with every argument")
         concrete[p.name] = p.default
+    for p in params:
+        if p.kind in variadic:  # torchjac passes nothing through *args or **kwargs
+            concrete[p.name] = () if p.kind is inspect.Parameter.VAR_POSITIONAL else {}
     try:
         graph = torch.fx.Tracer().trace(module, concrete_args=concrete or None)
     except Exception as e:  # tracing fails on data-dependent control flow and the like
