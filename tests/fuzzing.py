@@ -1,11 +1,14 @@
 """Random point-wise MLPs and inputs, and the check of every torchjac function on them against autograd.
 
 The strategy ``cases()`` draws the model (form, depth, widths, activations and
-their parameters, cond, skips) and the input (leading shape, zero-size,
-non-contiguous, dtype). ``check(case)`` runs jacobian, divergence (exact and
+their parameters, cond, skips), the idioms a Sequential is written with (one
+activation instance reused, tied Linear layers, subclasses with and without a
+forward of their own, nested Sequentials, old and new weight_norm, forward
+hooks) and the input (leading shape, zero-size, non-contiguous, dtype). ``check(case)`` runs jacobian, divergence (exact and
 Hutchinson with a fixed noise), jvp, their outputs and their gradients w.r.t.
 x, cond, v and every parameter, and compares all of them with the autograd
-``create_graph`` oracle evaluated in float64.
+``create_graph`` oracle evaluated in float64. Some cases also check
+``torch.func.jvp`` over ``jacobian`` and a ``torch.compile``d call.
 
 float64 results must match the oracle to 1e-10 of the result's scale. A
 float32 result must be within 1e-5 of its scale, or else no further from the
@@ -13,14 +16,16 @@ float64 oracle than 4x PyTorch's own float32 autograd: deep, wide or
 high-frequency models lose digits in float32 whatever computes them.
 """
 import copy
+import warnings
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils import parametrizations
 
 import torchjac
-from conftest import autograd_jacobian, call_model
+from conftest import autograd_jacobian, call_model, oracle_jacobian
 
 MAX_WIDTH = 300
 
@@ -58,6 +63,14 @@ class Case(NamedTuple):
     num_samples: int
     dtype: torch.dtype
     seed: int
+    idioms: Tuple[str, ...] = ()   # how a "sequential" is written: see IDIOMS
+    check_func: bool = False       # also torch.func.jvp over jacobian
+    check_compiled: bool = False   # also a torch.compile'd jacobian and its gradients
+
+
+# Ways of writing the same Sequential; each keeps the function it computes, or (hook) changes it knowingly.
+IDIOMS = ("shared_activation", "tied_linear", "subclass", "subclass_forward", "nested", "old_weight_norm",
+          "weight_norm", "forward_hook")
 
 
 @st.composite
@@ -83,9 +96,59 @@ def cases(draw):
         skips = tuple(sorted(draw(st.sets(st.integers(1, depth - 1), max_size=depth - 1))))
     d_in = draw(st.integers(1, 16))
     d_out = draw(st.one_of(st.just(d_in), st.integers(1, 16)))  # half square: divergence needs d_out == d_in
+    idioms = ()
+    if form == "sequential":
+        idioms = tuple(i for i in IDIOMS if draw(st.integers(0, 3)) == 0)
     return Case(form, d_in, d_out, widths, activations, final_activation,
                 cond_features, skips, lead, cond_lead, draw(st.booleans()), draw(st.integers(1, 3)),
-                draw(st.sampled_from([torch.float32, torch.float64])), draw(st.integers(0, 2 ** 31 - 1)))
+                draw(st.sampled_from([torch.float32, torch.float64])), draw(st.integers(0, 2 ** 31 - 1)),
+                idioms, draw(st.integers(0, 19)) == 0, draw(st.integers(0, 99)) == 0)
+
+
+class _Subclass(nn.Sequential):
+    """A Sequential subclass that keeps nn.Sequential's forward: it lowers as a chain."""
+
+
+class _SubclassWithForward(nn.Sequential):
+    """A Sequential subclass with a forward of its own (the same function): torch.fx or the generic path."""
+
+    def forward(self, inp):
+        for module in self._modules.values():
+            inp = module(inp)
+        return inp
+
+
+def _halve_output(module, inputs, output):
+    return 0.5 * output
+
+
+def _sequential(case: Case, layers):
+    """layers as a Sequential written with the case's idioms."""
+    idioms = set(case.idioms)
+    if "shared_activation" in idioms:  # one activation module, used after every layer
+        shared = next((m for m in layers if not isinstance(m, nn.Linear)), None)
+        layers = [m if isinstance(m, nn.Linear) else shared for m in layers]
+    if "tied_linear" in idioms:  # a later Linear of the same shape is an earlier one, used again
+        by_shape = {}
+        layers = [by_shape.setdefault(tuple(m.weight.shape), m) if isinstance(m, nn.Linear) else m for m in layers]
+    normed = set()
+    for m in layers[::2]:  # every other module: some Linear layers, some not
+        if isinstance(m, nn.Linear) and id(m) not in normed:
+            normed.add(id(m))
+            if "old_weight_norm" in idioms:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    nn.utils.weight_norm(m)
+            elif "weight_norm" in idioms:
+                parametrizations.weight_norm(m)
+    if "nested" in idioms and len(layers) > 1:
+        layers = [nn.Sequential(*layers[:len(layers) // 2]), nn.Sequential(*layers[len(layers) // 2:])]
+    cls = (_SubclassWithForward if "subclass_forward" in idioms else
+           _Subclass if "subclass" in idioms else nn.Sequential)
+    model = cls(*layers)
+    if "forward_hook" in idioms:
+        model[-1].register_forward_hook(_halve_output)
+    return model
 
 
 def build_model(case: Case) -> nn.Module:
@@ -103,7 +166,7 @@ def build_model(case: Case) -> nn.Module:
             layers.append(copy.deepcopy(case.activations[i]))
     if case.final_activation is not None:
         layers.append(copy.deepcopy(case.final_activation))
-    return nn.Sequential(*layers).double()
+    return _sequential(case, layers).double()
 
 
 def _as_function(model):
@@ -187,10 +250,13 @@ def _loss_weights(seed):
 
 def check(case: Case):
     """Assert every torchjac result of the case equals the float64 oracle (see the module docstring)."""
-    model64 = build_model(case)
-    model = model64 if case.dtype == torch.float64 else copy.deepcopy(model64).float()
+    # Built afresh for each use, never deep-copied: the older weight_norm cannot be (pytorch/pytorch#103001).
+    def model_in(dtype):
+        return build_model(case).to(dtype)
+
+    model64, model = model_in(torch.float64), model_in(case.dtype)
     expected = _results(case, model64, *_inputs(case, torch.float64), _loss_weights(case.seed), oracle=True)
-    actual = _results(case, copy.deepcopy(model), *_inputs(case, case.dtype), _loss_weights(case.seed),
+    actual = _results(case, model_in(case.dtype), *_inputs(case, case.dtype), _loss_weights(case.seed),
                       oracle=False)
     pytorch32 = None
     if case.dtype == torch.float32:
@@ -210,3 +276,46 @@ def check(case: Case):
             bound = max(1e-5 * scale, 4 * (pytorch32[name] - want).abs().max().item())
         assert error <= bound, (f"{name}: max error {error:.3e} > bound {bound:.3e} (scale {scale:.3e}, "
                                 f"{case.dtype})")
+
+
+def _assert_close_to(got, want, what):
+    scale = max(want.abs().max().item(), 1.0) if want.numel() else 1.0
+    error = (got - want).abs().max().item() if want.numel() else 0.0
+    assert error <= 1e-10 * scale, f"{what}: max error {error:.3e} (scale {scale:.3e})"
+
+
+def check_func_jvp(case: Case):
+    """torch.func.jvp over torchjac.jacobian equals it over the torch.func oracle, in float64."""
+    model = build_model(case)
+    f = _as_function(model) if case.form == "function" else model
+    x, cond, v, _ = _inputs(case, torch.float64)
+    y, tangent = torch.func.jvp(lambda x: torchjac.jacobian(f, x, cond=cond), (x,), (v,))
+    y_ref, tangent_ref = torch.func.jvp(lambda x: oracle_jacobian(model, x, cond)[1], (x,), (v,))
+    _assert_close_to(y, y_ref, "torch.func.jvp over jacobian: J")
+    _assert_close_to(tangent, tangent_ref, "torch.func.jvp over jacobian: its tangent")
+
+
+def check_compiled(case: Case):
+    """A torch.compile'd jacobian and its gradients equal the eager call, in float64."""
+    model = build_model(case)
+    f = _as_function(model) if case.form == "function" else model
+    x, cond, _, _ = _inputs(case, torch.float64)
+    x.requires_grad_(True)
+    leaves = [x, *model.parameters()]
+    weights = _loss_weights(case.seed)
+
+    def loss(x):
+        jac = torchjac.jacobian(f, x, cond=cond)
+        return (weights("jacobian", jac) * jac).sum(), jac
+
+    def results(fn):
+        value, jac = fn(x)
+        grads = torch.autograd.grad(value, leaves, allow_unused=True)
+        return [jac.detach()] + [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+
+    expected = results(loss)
+    torch._dynamo.reset()  # a fresh cache: past the recompile limit dynamo would run eagerly
+    # aot_eager: dynamo, the fake kernels and aot_autograd, which is what torchjac gives torch.compile;
+    # inductor's code generation would add minutes, not checks of torchjac.
+    for i, (got, want) in enumerate(zip(results(torch.compile(loss, backend="aot_eager")), expected)):
+        _assert_close_to(got, want, "compiled jacobian" if i == 0 else f"compiled gradient {i - 1}")

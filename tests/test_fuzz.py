@@ -11,3 +11,7 @@ import fuzzing
 @given(case=fuzzing.cases())
 def test_random_models_match_the_oracle(case):
     fuzzing.check(case)
+    if case.check_func:
+        fuzzing.check_func_jvp(case)
+    if case.check_compiled:
+        fuzzing.check_compiled(case)

@@ -317,6 +317,14 @@ def test_compiled_step_of_a_generic_path_module():
     _compiled_step_matches_eager(f, _points(), fullgraph=True)
 
 
+def test_compiled_step_of_a_generic_path_module_with_old_weight_norm():
+    torch.manual_seed(0)
+    f = nn.Sequential(old_weight_norm(nn.Linear(3, 8)), nn.LayerNorm(8), nn.Tanh(),
+                      old_weight_norm(nn.Linear(8, 3))).double()
+    assert torchjac.explain(f).path == "generic"
+    _compiled_step_matches_eager(f, _points(), fullgraph=True)
+
+
 # ---- 6. errors that say what to write instead
 
 class OneInput(nn.Module):

@@ -181,6 +181,21 @@ def _fused_call(fn, x, cond, spec) -> _Fused:
     return _Fused(x, cond, spec)
 
 
+def _generic(f, compute, *args):
+    """compute(*args) on the generic path, which calls f inside torch.func transforms.
+
+    The older weight_norm's hook assigns the weight it computes to the module on every call; inside a
+    transform that is a wrapped tensor, which must not outlive the call (torch.compile cannot trace it
+    out), so the attributes are put back as they were.
+    """
+    kept = spec_lib.weight_norm_attributes(f)
+    try:
+        return compute(*args)
+    finally:
+        for module, name, value in kept:
+            setattr(module, name, value)
+
+
 def _generic_model(f, cond):
     """f as a function of x alone: an nn.Sequential receives cat([x, cond]), anything else f(x, cond)."""
     if cond is None:
@@ -204,7 +219,8 @@ def jacobian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_
     """
     x, fused = _route("jacobian", f, x, cond, event_dims, chunk_size)
     if fused is None:
-        y, jac = generic.jacobian("jacobian", _generic_model(f, cond), x, event_dims, chunk_size)
+        y, jac = _generic(f, generic.jacobian, "jacobian", _generic_model(f, cond), x, event_dims,
+                          chunk_size)
         jac = _nan_at_non_finite_points(jac, x, cond, event_dims)
     else:
         y, jac = torch.ops.torchjac.mlp_jacobian(*fused.args())
@@ -282,11 +298,11 @@ def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estim
     if fused is None:
         model = _generic_model(f, cond)
         if estimator == "exact":
-            y, div = generic.divergence("divergence", model, x, event_dims, chunk_size)
+            y, div = _generic(f, generic.divergence, "divergence", model, x, event_dims, chunk_size)
         else:
             e = _noise((num_samples, *x.shape), x, noise, generator) if user_noise is None else \
                 _expand_noise(user_noise, x)
-            y, div = generic.hutchinson("divergence", model, x, event_dims, e, chunk_size)
+            y, div = _generic(f, generic.hutchinson, "divergence", model, x, event_dims, e, chunk_size)
         div = _nan_at_non_finite_points(div, x, cond, event_dims)
         return (y, div) if return_output else div
     if fused.spec.d_out != fused.spec.d_in:
@@ -317,7 +333,7 @@ def jvp(f, x: torch.Tensor, v: torch.Tensor, *, cond: Optional[torch.Tensor] = N
         except RuntimeError:
             raise ValueError(f"torchjac.jvp: v expected a shape that broadcasts to x's {tuple(x.shape)}, "
                              f"got {tuple(v.shape)}") from None
-        y, out = generic.jvp("jvp", _generic_model(f, cond), x, event_dims, v)
+        y, out = _generic(f, generic.jvp, "jvp", _generic_model(f, cond), x, event_dims, v)
         out = _nan_at_non_finite_points(out, x, cond, event_dims)
         return (y, out) if return_output else out
     if fused.spec.layout == spec_lib.CHANNELS_FIRST:

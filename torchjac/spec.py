@@ -65,6 +65,14 @@ def current(module: nn.Module, name: str) -> torch.Tensor:
     return getattr(module, name)
 
 
+def weight_norm_attributes(f) -> list:
+    """(module, name, value) of every attribute the older weight_norm's hooks in f assign when called."""
+    if not isinstance(f, nn.Module):
+        return []
+    return [(m, hook.name, getattr(m, hook.name)) for m in f.modules() for hook in m._forward_pre_hooks.values()
+            if isinstance(hook, WeightNorm)]
+
+
 def _weight(layer: nn.Module) -> torch.Tensor:
     return current(layer, "weight")
 
