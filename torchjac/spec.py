@@ -406,7 +406,10 @@ def explain(f, has_cond: bool = False) -> Tuple[str, str]:
             return "refused", unsupported + "; a channels-first Conv1d stack has no generic fallback"
         recognition = _recognize(f, False)
         if recognition.recipe is None:
-            return "generic", f"{unsupported}, and {recognition.reason}"
+            # torch.fx only adds news when it traced into something written by the user
+            user_written = not is_plain_sequential(f) or any(
+                not type(m).__module__.startswith("torch.") and not _chain_layer_kind(m) for _, m in _chain(f))
+            return "generic", f"{unsupported}, and {recognition.reason}" if user_written else unsupported
         return "fused", _recipe_detail(f, recognition.recipe)
     recognition = _recognize(f, has_cond)
     if recognition.recipe is None:
