@@ -70,7 +70,7 @@ class Case(NamedTuple):
 
 # Ways of writing the same Sequential; each keeps the function it computes, or (hook) changes it knowingly.
 IDIOMS = ("shared_activation", "tied_linear", "subclass", "subclass_forward", "nested", "old_weight_norm",
-          "weight_norm", "forward_hook")
+          "weight_norm", "forward_hook", "layer_subclass")
 
 
 @st.composite
@@ -110,12 +110,20 @@ class _Subclass(nn.Sequential):
 
 
 class _SubclassWithForward(nn.Sequential):
-    """A Sequential subclass with a forward of its own (the same function): torch.fx or the generic path."""
+    """A Sequential subclass with a forward of its own, which halves the output: lowering it as a plain
+    chain would be wrong. torch.fx recognizes it, or the generic path computes it."""
 
     def forward(self, inp):
         for module in self._modules.values():
             inp = module(inp)
-        return inp
+        return inp * 0.5
+
+
+class _DoubledLinear(nn.Linear):
+    """A Linear subclass with a forward of its own: not a Linear layer to the lowering."""
+
+    def forward(self, inp):
+        return 2.0 * super().forward(inp)
 
 
 def _halve_output(module, inputs, output):
@@ -131,9 +139,16 @@ def _sequential(case: Case, layers):
     if "tied_linear" in idioms:  # a later Linear of the same shape is an earlier one, used again
         by_shape = {}
         layers = [by_shape.setdefault(tuple(m.weight.shape), m) if isinstance(m, nn.Linear) else m for m in layers]
+    if "layer_subclass" in idioms:  # the first Linear doubles its output
+        first = layers[0]
+        doubled = _DoubledLinear(first.in_features, first.out_features)
+        doubled.load_state_dict(first.state_dict())
+        layers = [doubled if m is first else m for m in layers]
     normed = set()
     for m in layers[::2]:  # every other module: some Linear layers, some not
-        if isinstance(m, nn.Linear) and id(m) not in normed:
+        # With one input feature v/|v| is +-1 and the gradient w.r.t. v is identically zero: float32 would
+        # report nothing but round-off of the terms that cancel.
+        if isinstance(m, nn.Linear) and m.in_features > 1 and id(m) not in normed:
             normed.add(id(m))
             if "old_weight_norm" in idioms:
                 with warnings.catch_warnings():
@@ -151,17 +166,31 @@ def _sequential(case: Case, layers):
     return model
 
 
+def _siren_init(linear: nn.Linear, previous_activation):
+    """SIREN's rule: a layer after sin(w0 z) has its weights divided by w0, which keeps every sine's argument
+    of order one. Without it, stacked sines of w0 ~ 30 reach frequencies of 30^depth, which no one trains and
+    whose float32 derivatives lose all digits whatever computes them."""
+    if isinstance(previous_activation, torchjac.Sine):
+        with torch.no_grad():
+            linear.weight.div_(previous_activation.w0)
+
+
 def build_model(case: Case) -> nn.Module:
-    """The model of a case, in float64; its float32 twin is a copy."""
+    """The model of a case, in float64; its float32 twin is built the same way."""
     torch.manual_seed(case.seed)
     if case.form == "point_mlp":
         act = copy.deepcopy(case.activations[0]) if case.activations else "identity"
-        return torchjac.PointMLP(case.d_in, list(case.widths), case.d_out, activation=act,
-                                 cond_features=case.cond_features, skip_layers=case.skip_layers).double()
+        model = torchjac.PointMLP(case.d_in, list(case.widths), case.d_out, activation=act,
+                                  cond_features=case.cond_features, skip_layers=case.skip_layers)
+        for linear in model.layers[1:]:
+            _siren_init(linear, model.activation)
+        return model.double()
     sizes = [case.d_in + case.cond_features, *case.widths, case.d_out]
     layers = []
     for i in range(len(sizes) - 1):
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i > 0:
+            _siren_init(layers[-1], case.activations[i - 1])
         if i < len(case.activations):
             layers.append(copy.deepcopy(case.activations[i]))
     if case.final_activation is not None:

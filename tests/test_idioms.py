@@ -117,6 +117,7 @@ def test_residual_sequential_subclass():
 
 def test_meta_style_sequential_subclass():
     f = MetaStyleSequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    assert torchjac.explain(f).path == "generic"
     x = _points(requires_grad=True)
     _check_values(f, x.detach())
     _check_training_grads(f, x)
@@ -140,6 +141,93 @@ def test_sequential_subclass_recognized_with_cond():
     with ops_seen() as seen:
         _check_values(f, x, cond)
     assert "torchjac.mlp_jacobian" in seen
+
+
+class DoubledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class SteeperTanh(nn.Tanh):
+    def forward(self, x):
+        return torch.tanh(2 * x)
+
+
+class Reversed(nn.Sequential):
+    """Keeps nn.Sequential.forward, but iterates backwards: forward follows the iteration."""
+
+    def __iter__(self):
+        return iter(list(self._modules.values())[::-1])
+
+
+class ResidualPointMLP(torchjac.PointMLP):
+    def forward(self, x, cond=None):
+        return super().forward(x, cond) + x
+
+
+class SelfTracedModel(nn.Module):
+    """A user module, traced by torch.fx, whose layer is a parametrized Linear subclass."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.utils.parametrizations.weight_norm(DoubledLinear(3, 8))
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _subclassed_models():
+    torch.manual_seed(0)
+    return {
+        "linear_subclass": nn.Sequential(DoubledLinear(3, 8), nn.Tanh(), nn.Linear(8, 3)),
+        "activation_subclass": nn.Sequential(nn.Linear(3, 8), SteeperTanh(), nn.Linear(8, 3)),
+        "reversed_iteration": Reversed(nn.Linear(8, 3), nn.Tanh(), nn.Linear(3, 8)),
+        "point_mlp_subclass": ResidualPointMLP(3, [8, 8], 3),
+        "parametrized_subclass_in_traced_module": SelfTracedModel(),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_subclassed_models()))
+def test_subclasses_with_their_own_forward_are_computed_as_written(name):
+    f = _subclassed_models()[name].double()
+    _check_values(f, _points())
+
+
+def test_sequential_subclass_taking_cond_is_refused_with_cond():
+    class CondSequential(nn.Sequential):
+        def forward(self, x, cond=None):
+            return super().forward(x if cond is None else torch.cat([x, cond], -1))
+
+    f = CondSequential(nn.Linear(5, 3)).double()
+    with pytest.raises(ValueError, match=r"takes a second input.*lambda x, cond: model\(x, cond\)"):
+        torchjac.jacobian(f, _points(), cond=torch.randn(7, 2, dtype=F64))
+    _check_values(lambda x, c: f(x, c), _points(), torch.randn(7, 2, dtype=F64))
+
+
+def test_conv1d_outside_a_sequential_is_refused():
+    class PointNetBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 3, 1)
+
+        def forward(self, x):
+            return torch.tanh(self.conv(x))
+
+    with pytest.raises(ValueError, match=r"module 'conv' \(Conv1d\).*mixes dim 1"):
+        torchjac.jacobian(PointNetBlock().double(), torch.randn(2, 3, 5, dtype=F64))
+    inside = nn.Sequential(Residual(nn.Conv1d(3, 3, 1), nn.Tanh()), nn.Tanh()).double()
+    with pytest.raises(ValueError, match="no generic fallback"):
+        torchjac.jacobian(inside, torch.randn(2, 3, 5, dtype=F64))
+
+
+def test_forward_hooks_take_the_generic_path():
+    f = _square_model()
+    f[1].register_forward_hook(lambda module, inputs, output: 0.5 * output)
+    assert torchjac.explain(f).path == "generic" and "hooks" in torchjac.explain(f).detail
+    x = _points(requires_grad=True)
+    _check_values(f, x.detach())
+    _check_training_grads(f, x)
 
 
 # ---- 3. the older torch.nn.utils.weight_norm
@@ -256,8 +344,9 @@ def test_forward_mode_ad_over_torchjac():
     assert_close64(tangent, torch.func.jvp(_oracle_div(f), (x,), (v,))[1])
 
 
-def test_laplacian_as_divergence_of_a_fused_gradient():
-    """SIREN's laplace(): the divergence of the gradient of a scalar field, each a torchjac call."""
+def test_laplacian_as_nested_torchjac_calls():
+    """SIREN's laplace(): the divergence of the gradient of a scalar field, each a torchjac call (the inner
+    one sees the outer one's transform and runs on the generic path)."""
     torch.manual_seed(0)
     f = nn.Sequential(nn.Linear(3, 16), torchjac.Sine(3.0), nn.Linear(16, 16), torchjac.Sine(1.0),
                       nn.Linear(16, 1)).double()

@@ -140,8 +140,17 @@ def module_from_name(name: str) -> nn.Module:
     return factory()
 
 
+def computes_as(module: nn.Module, base: type) -> bool:
+    """Whether module is a base and computes what base does: a subclass with its own forward does not."""
+    return isinstance(module, base) and type(module).forward is base.forward
+
+
 def encode(module: nn.Module):
-    """(code, p0, p1) of an activation module, or None if it is not a supported activation."""
+    """(code, p0, p1) of an activation module, or None if it is not a supported activation (or a subclass of
+    one with a forward of its own)."""
+    base = next((cls for cls in SUPPORTED_MODULES if isinstance(module, cls)), None)
+    if base is None or not computes_as(module, base):
+        return None
     if isinstance(module, nn.Identity):
         return Act.IDENTITY, 0.0, 0.0
     if isinstance(module, nn.ReLU):

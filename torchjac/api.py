@@ -52,40 +52,52 @@ def _check_event_dims(fn, event_dims, x):
 
 
 def _check_call(fn: str, f, has_cond: bool):
-    """Raise a clear error when f cannot be called the way torchjac calls it: f(x), or f(x, cond).
+    """Raise a clear error when f cannot be called the way torchjac calls it.
 
-    An nn.Sequential is called on cat([x, cond]) and always fits.
+    torchjac calls f(x), or f(x, cond) with cond; an nn.Sequential receives cat([x, cond]).
     """
-    if isinstance(f, nn.Sequential):
+    if spec_lib.is_plain_sequential(f):
         return
-    target = f.forward if isinstance(f, nn.Module) else f
+    overrides_call = isinstance(f, nn.Module) and type(f).__call__ is not nn.Module.__call__
+    target = f.forward if isinstance(f, nn.Module) and not overrides_call else f
     try:
         signature = inspect.signature(target)
     except (TypeError, ValueError):  # a builtin: nothing to check
         return
-    name = f"{type(f).__name__}.forward" if isinstance(f, nn.Module) else getattr(f, "__name__", "f")
-    params = list(signature.parameters)
+    name = f"{type(f).__name__}.forward" if target is not f else getattr(f, "__name__", type(f).__name__)
+    positional = [p for p in signature.parameters.values()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if isinstance(f, nn.Sequential):
+        # A subclass with its own forward is still called on cat([x, cond]); one that takes a second input
+        # would expect cond there.
+        if has_cond and len(positional) >= 2:
+            raise ValueError(f"torchjac.{fn}: {name}{signature} takes a second input, but torchjac calls an "
+                             f"nn.Sequential on cat([x, cond], -1); pass `lambda x, cond: model(x, cond)` as f")
+        return
     call = "f(x, cond)" if has_cond else "f(x)"
-    if len(params) >= 2 and params[0] in ("t", "time"):
+    if (len(positional) >= 2 and positional[0].name in ("t", "time")
+            and positional[1].default is inspect.Parameter.empty):
         # torchdiffeq's and FFJORD's dynamics take (t, y); called as f(x, cond) they would get the points as t.
-        raise ValueError(f"torchjac.{fn}: {name}({', '.join(params)}) takes the time first, but torchjac calls "
-                         f"{call} with the points first; pass the points as x and the time as cond with "
+        raise ValueError(f"torchjac.{fn}: {name}{signature} takes the time first, but torchjac calls {call} with "
+                         f"the points first; pass the points as x and the time as cond with "
                          f"`lambda y, t: model(t, y)` as f")
     try:
         signature.bind(*(("x", "cond") if has_cond else ("x",)))
     except TypeError as e:
         hint = ("pass a model whose forward takes (x, cond), or concatenate cond into x yourself"
                 if has_cond else "pass cond=..., or wrap the model in a function of x alone")
-        raise ValueError(f"torchjac.{fn}: torchjac calls {call}, but {name}({', '.join(params)}) cannot be "
-                         f"called so ({e}); {hint}") from None
+        raise ValueError(f"torchjac.{fn}: torchjac calls {call}, but {name}{signature} cannot be called so "
+                         f"({e}); {hint}") from None
 
 
 def _transformed(tensors) -> bool:
-    """Whether torch.func (vmap, grad, jvp, ...) or forward-mode AD sees any of the tensors.
+    """Whether torch.func (vmap, grad, jvp, ...) or forward-mode AD may see the tensors.
 
     The fused ops have reverse-mode autograd only, so such calls take the generic path, which is
     built from torch.func and composes with every transform.
     """
+    # Dynamo cannot trace the wrapped-tensor test (nor tell an active transform apart), so a transform
+    # inside a compiled region reaches the fused op, which then raises PyTorch's own error.
     if not torch.compiler.is_compiling() and any(is_functorch_wrapped_tensor(t) for t in tensors):
         return True
     return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
@@ -141,7 +153,7 @@ def _route(fn: str, f, x, cond, event_dims, chunk_size=None, extra=()):
         spec = spec_lib.lower(f, x, c)
     except NotFusable as e:
         if channels_first:  # no generic fallback: the generic path needs features in the last dim
-            raise ValueError(f"torchjac.{fn}: {e}") from None
+            raise ValueError(f"torchjac.{fn}: {e}; a channels-first Conv1d stack has no generic fallback") from None
         return x, None
     except ValueError as e:
         raise ValueError(f"torchjac.{fn}: {e}") from None

@@ -117,10 +117,11 @@ def _spatial_dims(m: nn.Module) -> Optional[int]:
     return None
 
 
-def _point_mixing_reason(m: nn.Module, event_dims: int, ndim: Optional[int]):
+def _point_mixing_reason(m: nn.Module, event_dims: int, ndim: Optional[int], conv1d_stack: bool = False):
     """Why module m mixes points (or is random per point), or None.
 
     A point is the last event_dims dims of an ndim-dim x: mixing within those is no mixing of points.
+    ``conv1d_stack``: m is in an nn.Sequential of Conv1d layers, which torchjac reads channels-first.
     """
     if isinstance(m, (nn.modules.dropout._DropoutNd)) and m.training and m.p > 0:
         return "dropout in training mode is random per call; call .eval() on the model (or set p=0)"
@@ -151,6 +152,11 @@ def _point_mixing_reason(m: nn.Module, event_dims: int, ndim: Optional[int]):
         if not pointwise:
             return (f"a convolution with kernel_size, stride or padding other than 1, 1, 0 mixes neighbouring "
                     f"points; with event_dims={1 + spatial} a point is (channels, *spatial)")
+        if not conv1d_stack:
+            return ("a convolution mixes dim 1 (channels), but outside an nn.Sequential of Conv1d layers torchjac "
+                    "takes the features from the last dim; put the Conv1d(kernel_size=1) layers in an "
+                    "nn.Sequential, or, if the forward moves the features to dim 1 and back itself, pass "
+                    "`lambda x: model(x)` as f")
     return None
 
 
@@ -158,8 +164,9 @@ def refuse_point_mixing(fn: str, f, event_dims: int = 1, ndim: Optional[int] = N
     """Raise for a module known to couple points: its per-point Jacobian would be wrong, not just slow."""
     if not isinstance(f, nn.Module):
         return
+    conv1d_stack = isinstance(f, nn.Sequential) and sequential_layout(f) == CHANNELS_FIRST
     for name, m in f.named_modules():
-        reason = _point_mixing_reason(m, event_dims, ndim)
+        reason = _point_mixing_reason(m, event_dims, ndim, conv1d_stack)
         if reason is not None:
             where = f"module {name!r} ({type(m).__name__})" if name else f"f ({type(m).__name__})"
             raise ValueError(f"torchjac.{fn}: {where}: {reason}")
@@ -180,8 +187,9 @@ def _from_point_mlp(f: PointMLP) -> MLPSpec:
 # ---- nn.Sequential
 
 def is_plain_sequential(m) -> bool:
-    """An nn.Sequential (or subclass) whose forward is nn.Sequential's: it calls its modules in turn."""
-    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+    """An nn.Sequential (or subclass) whose forward is nn.Sequential's: it calls its modules in turn,
+    in the order of its own iteration."""
+    return act.computes_as(m, nn.Sequential) and type(m).__iter__ is nn.Sequential.__iter__
 
 
 def _chain(seq: nn.Sequential, prefix: str = ""):
@@ -194,9 +202,13 @@ def _chain(seq: nn.Sequential, prefix: str = ""):
             yield f"{prefix}{name}", m
 
 
+_CHAIN_LAYERS = (nn.Linear, nn.Conv1d, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                 nn.BatchNorm1d)
+
+
 def _chain_layer_kind(m: nn.Module) -> bool:
-    return (isinstance(m, (nn.Linear, nn.Conv1d, nn.Identity, nn.modules.dropout._DropoutNd, nn.BatchNorm1d))
-            or act.encode(m) is not None)
+    """A layer the Sequential lowering reads; a subclass with a forward of its own is not one."""
+    return any(act.computes_as(m, base) for base in _CHAIN_LAYERS) or act.encode(m) is not None
 
 
 def _unsupported_in_chain(f: nn.Sequential) -> Optional[str]:
@@ -212,8 +224,14 @@ def _unsupported_in_chain(f: nn.Sequential) -> Optional[str]:
 
 
 def sequential_layout(f: nn.Sequential) -> str:
-    convs = any(isinstance(m, nn.Conv1d) for _, m in _chain(f))
+    # Any Conv1d, even inside a block, means channels-first x (B, C, N).
+    convs = any(isinstance(m, nn.Conv1d) for m in f.modules())
     return CHANNELS_FIRST if convs else CHANNELS_LAST
+
+
+def is_point_mlp(f) -> bool:
+    """A PointMLP that computes what PointMLP does (not a subclass with a forward of its own)."""
+    return act.computes_as(f, PointMLP)
 
 
 def _conv1d_weight(m: nn.Conv1d) -> torch.Tensor:
@@ -286,7 +304,6 @@ def _from_sequential(f: nn.Sequential, n_inputs: int, cond_features: int, x: tor
 
 # ---- user-written modules, through their torch.fx recipe
 
-@torch.compiler.assume_constant_result
 class Recognition(NamedTuple):
     recipe: Optional[Recipe]  # None when f is not recognized
     reason: str               # why not
@@ -363,7 +380,7 @@ def lower(f, x: torch.Tensor, cond_features: int) -> MLPSpec:
     if reason is not None:
         raise NotFusable(reason)
     d_in = x.shape[-1]
-    if isinstance(f, PointMLP):
+    if is_point_mlp(f):
         return _from_point_mlp(f)
     if isinstance(f, nn.Sequential):
         if _unsupported_in_chain(f) is None:
@@ -394,7 +411,7 @@ def explain(f, has_cond: bool = False) -> Tuple[str, str]:
     reason = hooks_reason(f)
     if reason is not None:
         return "generic", reason
-    if isinstance(f, PointMLP):
+    if is_point_mlp(f):
         return "fused", "torchjac.PointMLP"
     if isinstance(f, nn.Sequential):
         unsupported = _unsupported_in_chain(f)

@@ -166,9 +166,11 @@ class _Interpreter:
             elif node.op == "call_module":
                 sub = self.module.get_submodule(target)
                 encoded = act.encode(sub)
-                if isinstance(sub, nn.Linear):
+                # computes_as: a subclass with its own forward can be a leaf here too (a parametrized
+                # module's class lives in torch.nn), and it does not compute what the base class does.
+                if act.computes_as(sub, nn.Linear):
                     env[node.name] = self.linear(target, self.blocks(args[0], node), node)
-                elif isinstance(sub, nn.Identity) or (isinstance(sub, nn.Dropout) and not sub.training):
+                elif act.computes_as(sub, nn.Identity) or (act.computes_as(sub, nn.Dropout) and not sub.training):
                     env[node.name] = args[0]
                 elif encoded is not None:
                     env[node.name] = self.activation(args[0], encoded, node)
