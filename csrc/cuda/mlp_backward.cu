@@ -21,6 +21,7 @@
 #include <cmath>
 
 #include "activations.cuh"
+#include "launch.cuh"
 
 #if defined(__USE_FAST_MATH__)
 #error "csrc/cuda/mlp_backward.cu must be built without --use_fast_math: fast expf/sinf and approximate division break float32 accuracy"
@@ -463,7 +464,7 @@ template <typename T, int WIDTH>
 __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
     mlp_backward_kernel(const __grid_constant__ BackwardParams<T> p) {
   using Tl = BackwardTiling<T, WIDTH>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  TORCHJAC_DYNAMIC_SMEM(smem);
   int64_t* cond_row = reinterpret_cast<int64_t*>(smem);
   T* buf0 = reinterpret_cast<T*>(cond_row + Tl::kRows);
   T* buf1 = buf0 + Tl::kRows * p.lda;
@@ -793,7 +794,7 @@ unsigned reduce_blocks(int64_t total, const Plan& plan) {
 
 template <typename T, int WIDTH>
 cudaError_t launch_main(const BackwardParams<T>& kp, const Plan& plan, cudaStream_t stream) {
-  mlp_backward_kernel<T, WIDTH><<<plan.grid, kThreads, plan.smem_bytes, stream>>>(kp);
+  TORCHJAC_LAUNCH(plan.grid, kThreads, plan.smem_bytes, stream, mlp_backward_kernel<T, WIDTH>)(kp);
   return cudaGetLastError();
 }
 
@@ -894,17 +895,17 @@ cudaError_t launch_typed(const MlpBackwardArgs& args, const Plan& plan, cudaStre
     offset += kp.k;
   } while (offset < plan.total_tangents);
 
-  reduce_partials_kernel<T><<<reduce_blocks(partial_offset, plan), kReduceThreads, 0, stream>>>(rp);
+  TORCHJAC_LAUNCH(reduce_blocks(partial_offset, plan), kReduceThreads, 0, stream, reduce_partials_kernel<T>)(rp);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   if (plan.cond_broadcast) {
     const int64_t rows = a.num_cond_rows;
     T* target = plan.cond_chunks > 1 ? cond_partials : static_cast<T*>(args.grad_cond);
-    cond_partial_kernel<T><<<reduce_blocks(rows * plan.cond_chunks * c, plan), kReduceThreads, 0, stream>>>(
+    TORCHJAC_LAUNCH(reduce_blocks(rows * plan.cond_chunks * c, plan), kReduceThreads, 0, stream, cond_partial_kernel<T>)(
         cond_points, rows, static_cast<int>(c), plan.cond_groups, plan.cond_chunk, plan.cond_chunks, target);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     if (plan.cond_chunks > 1) {
-      cond_sum_chunks_kernel<T><<<reduce_blocks(rows * c, plan), kReduceThreads, 0, stream>>>(
+      TORCHJAC_LAUNCH(reduce_blocks(rows * c, plan), kReduceThreads, 0, stream, cond_sum_chunks_kernel<T>)(
           cond_partials, rows, static_cast<int>(c), plan.cond_chunks, static_cast<T*>(args.grad_cond));
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }

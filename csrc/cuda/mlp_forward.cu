@@ -8,6 +8,7 @@
 #include <climits>
 
 #include "activations.cuh"
+#include "launch.cuh"
 
 #if defined(__USE_FAST_MATH__)
 #error "csrc/cuda/mlp_forward.cu must be built without --use_fast_math: fast expf/sinf and approximate division break float32 accuracy"
@@ -284,7 +285,7 @@ __device__ void store_outputs(const KernelParams<T>& p, const T* tile, int64_t f
 template <typename T, int WIDTH>
 __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) mlp_forward_kernel(const __grid_constant__ KernelParams<T> p) {
   using Tl = Tiling<WIDTH>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  TORCHJAC_DYNAMIC_SMEM(smem);
   int64_t* cond_row = reinterpret_cast<int64_t*>(smem);
   T* tile = reinterpret_cast<T*>(cond_row + Tl::kRows);
   T* ws = tile + Tl::kRows * p.lda;
@@ -442,7 +443,7 @@ cudaError_t launch_width(const KernelParams<T>& kp, const Plan& plan, cudaStream
   const int per_tile = plan.rows / (kp.k + 1);
   const int64_t tiles = (kp.num_points + per_tile - 1) / per_tile;
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, INT_MAX));
-  kernel<<<grid, kThreads, plan.smem_bytes, stream>>>(kp);
+  TORCHJAC_LAUNCH(grid, kThreads, plan.smem_bytes, stream, kernel)(kp);
   return cudaGetLastError();
 }
 
@@ -498,7 +499,7 @@ cudaError_t launch_typed(const MlpForwardArgs& a, const Plan& plan, cudaStream_t
       workspace += align_up(a.num_cond_rows * lp.out * plan.elem);
       const int64_t total = a.num_cond_rows * lp.out;
       const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 65535));
-      cond_projection_kernel<T><<<blocks, 256, 0, stream>>>(kp.cond, a.num_cond_rows, kp.cond_dim, lp.weight,
+      TORCHJAC_LAUNCH(blocks, 256, 0, stream, cond_projection_kernel<T>)(kp.cond, a.num_cond_rows, kp.cond_dim, lp.weight,
                                                              lp.ldw, hidden_cols + a.d_in, lp.out, proj);
       cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
