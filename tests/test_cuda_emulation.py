@@ -153,8 +153,10 @@ def test_activation_math_equals_python(code, p0, p1, dtype):
     for what, g, e in zip(("value", "d1", "d2"), got, expected):
         e = e.expand_as(z).to(dtype)
         if what == "value" and code == act.Act.GELU and dtype == torch.float32:
-            # PyTorch's float32 GELU gives NaN at +inf, its float64 GELU inf, the limit; so does the kernel.
-            g, e = g[z != math.inf], e[z != math.inf]
+            # PyTorch's float32 GELU overflows at the top of the range: NaN at +inf (float64 gives inf, the limit,
+            # as the kernel does) and inf at the largest float (the kernel gives that float).
+            keep = z < torch.finfo(dtype).max
+            g, e = g[keep], e[keep]
         bad = torch.isnan(g) != torch.isnan(e)
         assert not bad.any(), f"{what}: NaN differs at z = {z[bad].tolist()}: got {g[bad].tolist()}, want {e[bad].tolist()}"
         torch.testing.assert_close(g, e, rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{what}: {m}")
