@@ -22,6 +22,7 @@
 
 #include "activations.cuh"
 #include "launch.cuh"
+#include "non_finite.cuh"
 
 #if defined(__USE_FAST_MATH__)
 #error "csrc/cuda/mlp_backward.cu must be built without --use_fast_math: fast expf/sinf and approximate division break float32 accuracy"
@@ -315,12 +316,19 @@ __device__ __noinline__ act::Derivatives<T> activation(int code, T p0, T p1, T z
   return act::evaluate(code, p0, p1, z);
 }
 
+// act'(z) of a point's h row `row`; for the first layer (first != null) with the
+// non-finite rule, from the x and cond the row holds in its input columns.
+template <typename T>
+__device__ T slope_of(const act::Derivatives<T>& d, const BackwardParams<T>* first, const T* row) {
+  return first == nullptr ? d.d1 : d.d1 + non_finite_sum(row + first->x_col, first->d_in + first->cond_dim);
+}
+
 // After a layer's product: z = product + b goes to the state scratch with the
 // tangent rows tz; unless it is the last layer, the tile becomes h = act(z),
 // t = act'(z) tz. Only the tile's points.
 template <typename T>
 __device__ void save_and_activate(const BackwardLayer<T>& L, T* tile, T* state, int lda, int npts, int kp1,
-                                  bool activate) {
+                                  bool activate, const BackwardParams<T>* first) {
   for (int e = threadIdx.x; e < npts * L.out; e += kThreads) {
     const int pt = e / L.out;
     const int o = e - pt * L.out;
@@ -331,8 +339,9 @@ __device__ void save_and_activate(const BackwardLayer<T>& L, T* tile, T* state, 
     for (int s = 1; s < kp1; ++s) st[s * L.out] = h[s * lda];
     if (activate) {
       const act::Derivatives<T> d = activation(L.act, L.p0, L.p1, z);
+      const T slope = slope_of(d, first, h - o);
       *h = d.value;
-      for (int s = 1; s < kp1; ++s) h[s * lda] *= d.d1;
+      for (int s = 1; s < kp1; ++s) h[s * lda] *= slope;
     }
   }
 }
@@ -374,33 +383,37 @@ __device__ void load_output_grads(const BackwardParams<T>& p, T* g, int64_t firs
 // Through layer L's activation, in place: g_z = g_h act'(z) + (sum_s g_t_s tz_s) act''(z),
 // g_tz = act'(z) g_t.
 template <typename T>
-__device__ void activation_backward(const BackwardLayer<T>& L, T* g, const T* state, int lda, int npts, int kp1) {
-  if (L.act == act::kIdentity) return;  // g_z = g_h, g_tz = g_t
+__device__ void activation_backward(const BackwardLayer<T>& L, T* g, const T* state, int lda, int npts, int kp1,
+                                    const BackwardParams<T>* first) {
+  if (L.act == act::kIdentity && first == nullptr) return;  // g_z = g_h, g_tz = g_t
   for (int e = threadIdx.x; e < npts * L.out; e += kThreads) {
     const int pt = e / L.out;
     const int o = e - pt * L.out;
     T* row = g + pt * kp1 * lda + o;
     const T* st = state + pt * kp1 * L.out + o;
     const act::Derivatives<T> d = activation(L.act, L.p0, L.p1, st[0]);
+    const T slope = slope_of(d, first, row - o);
     T tangent_sum = T(0);
     for (int s = 1; s < kp1; ++s) tangent_sum += row[s * lda] * st[s * L.out];
-    row[0] = row[0] * d.d1 + tangent_sum * d.d2;
-    for (int s = 1; s < kp1; ++s) row[s * lda] *= d.d1;
+    row[0] = row[0] * slope + tangent_sum * d.d2;
+    for (int s = 1; s < kp1; ++s) row[s * lda] *= slope;
   }
 }
 
 // The h columns [0, prev.out) of the input rows of the layer after `prev`,
 // rebuilt from prev's saved [z; tz]: h = act(z), t = act'(z) tz.
 template <typename T>
-__device__ void rebuild_inputs(const BackwardLayer<T>& prev, T* in, const T* state, int lda, int npts, int kp1) {
+__device__ void rebuild_inputs(const BackwardLayer<T>& prev, T* in, const T* state, int lda, int npts, int kp1,
+                               const BackwardParams<T>* first) {
   for (int e = threadIdx.x; e < npts * prev.out; e += kThreads) {
     const int pt = e / prev.out;
     const int j = e - pt * prev.out;
     T* row = in + pt * kp1 * lda + j;
     const T* st = state + pt * kp1 * prev.out + j;
     const act::Derivatives<T> d = activation(prev.act, prev.p0, prev.p1, st[0]);
+    const T slope = slope_of(d, first, row - j);
     row[0] = d.value;
-    for (int s = 1; s < kp1; ++s) row[s * lda] = d.d1 * st[s * prev.out];
+    for (int s = 1; s < kp1; ++s) row[s * lda] = slope * st[s * prev.out];
   }
 }
 
@@ -493,7 +506,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
       const BackwardLayer<T>& L = p.layers[l];
       gemm_into_rows<T, WIDTH, true>(buf0, lda, L.col0, L.in_cols, L.weight, L.ldw, L.out, ws, rows, buf0);
       __syncthreads();
-      save_and_activate(L, buf0, states + L.state_offset, lda, npts, kp1, l < last);
+      save_and_activate(L, buf0, states + L.state_offset, lda, npts, kp1, l < last, l == 0 ? &p : nullptr);
       __syncthreads();
     }
 
@@ -505,8 +518,11 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
     T* in = buf1;
     for (int l = last; l >= 0; --l) {
       const BackwardLayer<T>& L = p.layers[l];
-      activation_backward(L, g, states + L.state_offset, lda, npts, kp1);
-      if (l > 0) rebuild_inputs(p.layers[l - 1], in, states + p.layers[l - 1].state_offset, lda, npts, kp1);
+      activation_backward(L, g, states + L.state_offset, lda, npts, kp1, l == 0 ? &p : nullptr);
+      if (l > 0) {
+        rebuild_inputs(p.layers[l - 1], in, states + p.layers[l - 1].state_offset, lda, npts, kp1,
+                       l == 1 ? &p : nullptr);
+      }
       __syncthreads();
       accumulate_weight_grads<T, WIDTH>(L, g, in, lda, npts, kp1, partials + L.partial_offset);
       // The gradient rows of layer l's input: h columns into `in` (a product

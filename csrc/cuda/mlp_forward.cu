@@ -9,6 +9,7 @@
 
 #include "activations.cuh"
 #include "launch.cuh"
+#include "non_finite.cuh"
 
 #if defined(__USE_FAST_MATH__)
 #error "csrc/cuda/mlp_forward.cu must be built without --use_fast_math: fast expf/sinf and approximate division break float32 accuracy"
@@ -205,9 +206,11 @@ __device__ void narrow_layer(const LayerParams<T>& L, T* tile, T* ws, int lda, i
 }
 
 // h <- act(z + b [+ W_c cond]); t <- act'(z) * t, for the tile's valid points.
+// For the first layer (first != null) the slope carries the non-finite rule:
+// the point's x and cond are in its h row's input columns, or cond in global memory when projected.
 template <typename T>
 __device__ void activate(const LayerParams<T>& L, T* tile, const int64_t* cond_row, int lda, int npts,
-                         int kp1) {
+                         int kp1, const KernelParams<T>* first) {
   for (int e = threadIdx.x; e < npts * L.out; e += kThreads) {
     const int pt = e / L.out;
     const int o = e - pt * L.out;
@@ -215,8 +218,15 @@ __device__ void activate(const LayerParams<T>& L, T* tile, const int64_t* cond_r
     T z = *h + __ldg(L.bias + o);
     if (L.cond_proj != nullptr) z += __ldg(L.cond_proj + cond_row[pt] * L.out + o);
     const act::Derivatives<T> d = act::evaluate(L.act, L.p0, L.p1, z);
+    T slope = d.d1;
+    if (first != nullptr) {
+      slope += non_finite_sum(h - o + first->x_col, first->d_in + first->cond_in_kernel);
+      if (first->cond_in_kernel == 0 && first->cond_dim > 0) {
+        slope += non_finite_sum(first->cond + cond_row[pt] * first->cond_dim, first->cond_dim);
+      }
+    }
     *h = d.value;
-    for (int s = 1; s < kp1; ++s) h[s * lda] *= d.d1;
+    for (int s = 1; s < kp1; ++s) h[s * lda] *= slope;
   }
 }
 
@@ -310,7 +320,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) mlp_forward_
         narrow_layer<T, WIDTH>(L, tile, ws, p.lda, npts * kp1);
       }
       __syncthreads();
-      activate(L, tile, cond_row, p.lda, npts, kp1);
+      activate(L, tile, cond_row, p.lda, npts, kp1, l == 0 ? &p : nullptr);
       __syncthreads();
     }
     store_outputs(p, tile, first, npts, kp1);
