@@ -230,12 +230,11 @@ def test_shared_memory_limit_is_raised_once_and_never_lowered():
         backward_call(c)
     sets = emu.stat("func_set_attribute")
     assert emu.stat("attribute_lowered") == 0
+    wide = make_mlp(3, 3, [256, 256], dtype=torch.float64)  # a forward tile above 48 KiB
+    x = points(30, d_in=3, dtype=torch.float64)
     for c in (40, 4):
         backward_call(c)
-        torch.ops.torchjac_emu.mlp_jacobian(*make_mlp(3, 3, [256, 256], dtype=torch.float64).args()[:0],
-                                            points(30, d_in=3, dtype=torch.float64),
-                                            no_cond(points(30, d_in=3, dtype=torch.float64)),
-                                            *make_mlp(3, 3, [256, 256], dtype=torch.float64).args())
+        torch.ops.torchjac_emu.mlp_jacobian(x, no_cond(x), *wide.args())
     assert emu.stat("func_set_attribute") == sets, "cudaFuncSetAttribute ran again after the first calls"
 
 

@@ -19,6 +19,8 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <map>
+#include <mutex>
 
 #include "activations.cuh"
 #include "launch.cuh"
@@ -575,19 +577,6 @@ __global__ void reduce_partials_kernel(const __grid_constant__ ReduceParams<T> p
   }
 }
 
-// The points of one broadcast cond row: cond row g is fixed by the kept dims
-// of x's leading dims, and its points range over the broadcast dims.
-struct CondGroups {
-  int num_kept = 0;
-  int64_t kept_sizes[kMaxCondDims] = {};
-  int64_t kept_row_strides[kMaxCondDims] = {};
-  int64_t kept_point_strides[kMaxCondDims] = {};
-  int num_broadcast = 0;
-  int64_t broadcast_sizes[kMaxCondDims] = {};
-  int64_t broadcast_point_strides[kMaxCondDims] = {};
-  int64_t points_per_row = 1;
-};
-
 CondGroups make_cond_groups(const CondRowMap& m) {
   CondGroups g;
   int64_t point_stride = 1;
@@ -668,61 +657,70 @@ int tile_rows(int width) {
 
 size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-// Sets the kernel's shared-memory limit and asks how many blocks fit on an SM.
+// How many blocks of the kernel fit on an SM: a query, once device_setup has
+// raised the kernel's shared memory limit.
 template <typename T, int WIDTH>
-cudaError_t prepare_kernel(size_t smem_bytes, int* blocks_per_sm) {
-  auto kernel = mlp_backward_kernel<T, WIDTH>;
-  if (smem_bytes > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem_bytes));
-    if (err != cudaSuccess) return err;
-  }
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, kernel, kThreads, smem_bytes);
+cudaError_t occupancy(size_t smem_bytes, int* blocks_per_sm) {
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, mlp_backward_kernel<T, WIDTH>, kThreads,
+                                                       smem_bytes);
 }
 
 template <typename T>
-cudaError_t prepare_width(int width, size_t smem_bytes, int* blocks_per_sm) {
+cudaError_t occupancy_of_width(int width, size_t smem_bytes, int* blocks_per_sm) {
   switch (width) {
-    case 16: return prepare_kernel<T, 16>(smem_bytes, blocks_per_sm);
-    case 32: return prepare_kernel<T, 32>(smem_bytes, blocks_per_sm);
-    case 64: return prepare_kernel<T, 64>(smem_bytes, blocks_per_sm);
-    case 128: return prepare_kernel<T, 128>(smem_bytes, blocks_per_sm);
-    case 256: return prepare_kernel<T, 256>(smem_bytes, blocks_per_sm);
+    case 16: return occupancy<T, 16>(smem_bytes, blocks_per_sm);
+    case 32: return occupancy<T, 32>(smem_bytes, blocks_per_sm);
+    case 64: return occupancy<T, 64>(smem_bytes, blocks_per_sm);
+    case 128: return occupancy<T, 128>(smem_bytes, blocks_per_sm);
+    case 256: return occupancy<T, 256>(smem_bytes, blocks_per_sm);
     default: return cudaErrorNotSupported;
   }
 }
 
-// Everything about a launch that follows from the arguments and the device.
-struct Plan {
-  const char* problem = nullptr;  // why the kernels do not cover the arguments
-  int width = 0;                  // template width
-  int hidden = 0;                 // H, 0 for a single layer
-  int x_col = 0;
-  int lda = 0;
-  int rows = 0;
-  bool skip[kMaxLayers] = {};
-  size_t elem = 0;
-  size_t smem_bytes = 0;
-  int64_t total_tangents = 0;  // d_in basis vectors, the jvp tangents or the noise samples
-  int64_t per_pass = 0;        // tangents carried per pass
-  int grid = 0;                // blocks of the main kernel, the same for every pass
+// Once per device: its SM count and opt-in shared memory per block, with every
+// backward kernel's dynamic shared memory limit raised to the latter. The limit
+// is a per-kernel setting: set per call to that call's size, a concurrent call
+// could lower it between another call's set and its launch.
+struct DeviceSetup {
+  cudaError_t error = cudaSuccess;
+  int max_smem_optin = 0;
   int sms = 0;
-  int64_t state_stride = 0;    // elements of a block's state scratch
-  int64_t partial_stride = 0;  // elements of a block's partial sums: every weight and bias
-  bool cond_broadcast = false;  // some cond row is read by several points
-  CondGroups cond_groups;
-  int64_t cond_chunk = 0, cond_chunks = 0;
-  size_t states_bytes = 0, partials_bytes = 0, cond_points_bytes = 0, cond_partials_bytes = 0;
-
-  size_t workspace_bytes() const { return states_bytes + partials_bytes + cond_points_bytes + cond_partials_bytes; }
 };
+
+template <typename T>
+cudaError_t raise_smem_limits(int bytes) {
+  const cudaFuncAttribute attr = cudaFuncAttributeMaxDynamicSharedMemorySize;
+  cudaError_t err = cudaFuncSetAttribute(mlp_backward_kernel<T, 16>, attr, bytes);
+  if (err == cudaSuccess) err = cudaFuncSetAttribute(mlp_backward_kernel<T, 32>, attr, bytes);
+  if (err == cudaSuccess) err = cudaFuncSetAttribute(mlp_backward_kernel<T, 64>, attr, bytes);
+  if (err == cudaSuccess) err = cudaFuncSetAttribute(mlp_backward_kernel<T, 128>, attr, bytes);
+  if (err == cudaSuccess) err = cudaFuncSetAttribute(mlp_backward_kernel<T, 256>, attr, bytes);
+  return err;
+}
+
+const DeviceSetup& device_setup(int device) {
+  static std::mutex mutex;
+  static std::map<int, DeviceSetup> setups;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = setups.find(device);
+  if (it != setups.end()) return it->second;
+  DeviceSetup setup;
+  setup.error = cudaDeviceGetAttribute(&setup.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (setup.error == cudaSuccess) setup.error = cudaDeviceGetAttribute(&setup.sms, cudaDevAttrMultiProcessorCount, device);
+  if (setup.error == cudaSuccess) setup.error = raise_smem_limits<float>(setup.max_smem_optin);
+  if (setup.error == cudaSuccess) setup.error = raise_smem_limits<double>(setup.max_smem_optin);
+  if (setup.error != cudaSuccess) cudaGetLastError();  // clear the error we caused
+  return setups.emplace(device, setup).first->second;
+}
+
+using Plan = MlpBackwardPlan;
 
 bool reads_input(const Plan& plan, int64_t layer) { return layer == 0 || plan.skip[layer]; }
 
 Plan make_plan(const MlpBackwardArgs& args, int device) {
   Plan plan;
   auto fail = [&](const char* why) {
-    plan.problem = why;
+    plan.unsupported_reason = why;
     return plan;
   };
   const MlpForwardArgs& a = args.forward;
@@ -748,13 +746,10 @@ Plan make_plan(const MlpBackwardArgs& args, int device) {
   plan.rows = is_double ? tile_rows<double>(plan.width) : tile_rows<float>(plan.width);
   plan.smem_bytes = plan.rows * sizeof(int64_t) +
                     (2 * static_cast<size_t>(plan.rows) * plan.lda + static_cast<size_t>(plan.width) * kLdw) * plan.elem;
-  int max_smem = 0;
-  if (cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&plan.sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    cudaGetLastError();  // clear the error we caused
-    return fail("the device's properties could not be queried");
-  }
-  if (plan.smem_bytes > static_cast<size_t>(max_smem)) {
+  const DeviceSetup& setup = device_setup(device);
+  if (setup.error != cudaSuccess) return fail("the device's properties could not be queried or set");
+  plan.sms = setup.sms;
+  if (plan.smem_bytes > static_cast<size_t>(setup.max_smem_optin)) {
     return fail("the backward tile does not fit in the device's shared memory (wide cond, or float64 at width 256)");
   }
 
@@ -770,8 +765,8 @@ Plan make_plan(const MlpBackwardArgs& args, int device) {
   if (a.num_points == 0) return plan;
 
   int blocks_per_sm = 0;
-  const cudaError_t err = is_double ? prepare_width<double>(plan.width, plan.smem_bytes, &blocks_per_sm)
-                                    : prepare_width<float>(plan.width, plan.smem_bytes, &blocks_per_sm);
+  const cudaError_t err = is_double ? occupancy_of_width<double>(plan.width, plan.smem_bytes, &blocks_per_sm)
+                                    : occupancy_of_width<float>(plan.width, plan.smem_bytes, &blocks_per_sm);
   if (err != cudaSuccess || blocks_per_sm < 1) {
     cudaGetLastError();
     return fail("the backward kernel cannot be resident on the device (shared memory or registers)");
@@ -942,21 +937,10 @@ cudaError_t zero_gradients(const MlpBackwardArgs& args, const Plan& plan, cudaSt
 
 }  // namespace
 
-const char* mlp_backward_unsupported_reason(const MlpBackwardArgs& args, int device) {
-  return make_plan(args, device).problem;
-}
+MlpBackwardPlan mlp_backward_plan(const MlpBackwardArgs& args, int device) { return make_plan(args, device); }
 
-size_t mlp_backward_workspace_bytes(const MlpBackwardArgs& args, int device) {
-  const Plan plan = make_plan(args, device);
-  return plan.problem == nullptr ? plan.workspace_bytes() : 0;
-}
-
-cudaError_t mlp_backward_launch(const MlpBackwardArgs& args, cudaStream_t stream) {
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const Plan plan = make_plan(args, device);
-  if (plan.problem != nullptr) return cudaErrorNotSupported;
+cudaError_t mlp_backward_launch(const MlpBackwardArgs& args, const MlpBackwardPlan& plan, cudaStream_t stream) {
+  if (plan.unsupported_reason != nullptr) return cudaErrorNotSupported;
   if (args.forward.num_points == 0) return zero_gradients(args, plan, stream);
   if (args.workspace == nullptr && plan.workspace_bytes() > 0) return cudaErrorInvalidValue;
   return args.forward.dtype == ScalarKind::kFloat64 ? launch_typed<double>(args, plan, stream)

@@ -124,9 +124,8 @@ JvpGrads backward(MlpMode mode, const BackwardInputs& in) {
 
   // Decide on shapes alone first, so a fallback makes no copies.
   const int device = torchjac::glue::kernel_device_index(x);
-  if (const char* reason = torchjac::cuda::mlp_backward_unsupported_reason(args, device)) {
-    return reference_backward(mode, in, reason);
-  }
+  const torchjac::cuda::MlpBackwardPlan plan = torchjac::cuda::mlp_backward_plan(args, device);
+  if (plan.unsupported_reason != nullptr) return reference_backward(mode, in, plan.unsupported_reason);
 
   // Expanded gradients (from a .sum(), say) become real tensors here.
   const torchjac::glue::ContiguousMlp contiguous(m, &args.forward);
@@ -153,11 +152,11 @@ JvpGrads backward(MlpMode mode, const BackwardInputs& in) {
   args.grad_biases = grad_bias_ptrs.data();
   args.grad_tangents = mode == MlpMode::kJvp ? grad_tangents.data_ptr() : nullptr;
   at::Tensor workspace;
-  if (const size_t bytes = torchjac::cuda::mlp_backward_workspace_bytes(args, device)) {
+  if (const size_t bytes = plan.workspace_bytes()) {
     workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
     args.workspace = workspace.data_ptr();
   }
-  C10_CUDA_CHECK(torchjac::cuda::mlp_backward_launch(args, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(torchjac::cuda::mlp_backward_launch(args, plan, c10::cuda::getCurrentCUDAStream()));
   return {grad_x, grad_cond, grad_weights, grad_biases, grad_tangents};
 }
 

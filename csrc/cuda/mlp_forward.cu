@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <map>
+#include <mutex>
 
 #include "activations.cuh"
 #include "launch.cuh"
@@ -362,28 +364,48 @@ int tile_rows(int width) {
 
 size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-// Everything about a launch that follows from the arguments alone.
-struct Plan {
-  const char* problem = nullptr;  // why the kernels do not cover the arguments
-  int width = 0;                  // template width
-  int hidden = 0;                 // H, 0 for a single layer
-  int x_col = 0;
-  int cond_in_kernel = 0;
-  bool project_cond = false;
-  int lda = 0;
-  int rows = 0;
-  bool skip[kMaxLayers] = {};
-  size_t elem = 0;
-  size_t smem_bytes = 0;
-  size_t workspace_bytes = 0;
+// Once per device: its opt-in shared memory per block, with every forward
+// kernel's dynamic shared memory limit raised to it. The limit is a per-kernel
+// setting: set per call to that call's size, a concurrent call could lower it
+// between another call's set and its launch.
+struct DeviceSetup {
+  cudaError_t error = cudaSuccess;
+  int max_smem_optin = 0;
 };
+
+template <typename T>
+cudaError_t raise_smem_limits(int bytes) {
+  const cudaFuncAttribute attr = cudaFuncAttributeMaxDynamicSharedMemorySize;
+  cudaError_t err = cudaFuncSetAttribute(mlp_forward_kernel<T, 16>, attr, bytes);
+  if (err == cudaSuccess) err = cudaFuncSetAttribute(mlp_forward_kernel<T, 32>, attr, bytes);
+  if (err == cudaSuccess) err = cudaFuncSetAttribute(mlp_forward_kernel<T, 64>, attr, bytes);
+  if (err == cudaSuccess) err = cudaFuncSetAttribute(mlp_forward_kernel<T, 128>, attr, bytes);
+  if (err == cudaSuccess) err = cudaFuncSetAttribute(mlp_forward_kernel<T, 256>, attr, bytes);
+  return err;
+}
+
+const DeviceSetup& device_setup(int device) {
+  static std::mutex mutex;
+  static std::map<int, DeviceSetup> setups;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = setups.find(device);
+  if (it != setups.end()) return it->second;
+  DeviceSetup setup;
+  setup.error = cudaDeviceGetAttribute(&setup.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (setup.error == cudaSuccess) setup.error = raise_smem_limits<float>(setup.max_smem_optin);
+  if (setup.error == cudaSuccess) setup.error = raise_smem_limits<double>(setup.max_smem_optin);
+  if (setup.error != cudaSuccess) cudaGetLastError();  // clear the error we caused
+  return setups.emplace(device, setup).first->second;
+}
+
+using Plan = MlpForwardPlan;
 
 bool reads_input(const Plan& plan, int64_t layer) { return layer == 0 || plan.skip[layer]; }
 
 Plan make_plan(const MlpForwardArgs& a) {
   Plan plan;
   auto fail = [&](const char* why) {
-    plan.problem = why;
+    plan.unsupported_reason = why;
     return plan;
   };
   if (a.dtype != ScalarKind::kFloat32 && a.dtype != ScalarKind::kFloat64) return fail("the dtype is not float32 or float64");
@@ -444,12 +466,7 @@ Plan make_plan(const MlpForwardArgs& a) {
 
 template <typename T, int WIDTH>
 cudaError_t launch_width(const KernelParams<T>& kp, const Plan& plan, cudaStream_t stream) {
-  auto kernel = mlp_forward_kernel<T, WIDTH>;
-  if (plan.smem_bytes > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(plan.smem_bytes));
-    if (err != cudaSuccess) return err;
-  }
+  auto kernel = mlp_forward_kernel<T, WIDTH>;  // its shared memory limit is raised by device_setup
   const int per_tile = plan.rows / (kp.k + 1);
   const int64_t tiles = (kp.num_points + per_tile - 1) / per_tile;
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, INT_MAX));
@@ -537,30 +554,21 @@ cudaError_t launch_typed(const MlpForwardArgs& a, const Plan& plan, cudaStream_t
 
 }  // namespace
 
-const char* mlp_forward_unsupported_reason(const MlpForwardArgs& args, int device) {
-  const Plan plan = make_plan(args);
-  if (plan.problem != nullptr) return plan.problem;
-  int max_smem = 0;
-  if (cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    cudaGetLastError();  // clear the error we caused
-    return "the device's shared memory size could not be queried";
+MlpForwardPlan mlp_forward_plan(const MlpForwardArgs& args, int device) {
+  MlpForwardPlan plan = make_plan(args);
+  if (plan.unsupported_reason != nullptr) return plan;
+  const DeviceSetup& setup = device_setup(device);
+  if (setup.error != cudaSuccess) {
+    plan.unsupported_reason = "the device's shared memory size could not be queried or set";
+  } else if (plan.smem_bytes > static_cast<size_t>(setup.max_smem_optin)) {
+    plan.unsupported_reason = "the tile does not fit in shared memory (too many cond columns)";
   }
-  if (plan.smem_bytes > static_cast<size_t>(max_smem)) return "the tile does not fit in shared memory (too many cond columns)";
-  return nullptr;
+  return plan;
 }
 
-size_t mlp_forward_workspace_bytes(const MlpForwardArgs& args) {
-  const Plan plan = make_plan(args);
-  return plan.problem == nullptr ? plan.workspace_bytes : 0;
-}
-
-cudaError_t mlp_forward_launch(const MlpForwardArgs& args, cudaStream_t stream) {
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (mlp_forward_unsupported_reason(args, device) != nullptr) return cudaErrorNotSupported;
+cudaError_t mlp_forward_launch(const MlpForwardArgs& args, const MlpForwardPlan& plan, cudaStream_t stream) {
+  if (plan.unsupported_reason != nullptr) return cudaErrorNotSupported;
   if (args.num_points == 0) return cudaSuccess;
-  const Plan plan = make_plan(args);
   if (args.workspace == nullptr && plan.workspace_bytes > 0) return cudaErrorInvalidValue;
   return args.dtype == ScalarKind::kFloat64 ? launch_typed<double>(args, plan, stream)
                                             : launch_typed<float>(args, plan, stream);

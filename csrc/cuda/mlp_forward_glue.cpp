@@ -76,9 +76,8 @@ Outputs forward(MlpMode mode, const MlpInputs& in) {
 
   // Decide on shapes alone first, so a fallback makes no copies.
   const int device = torchjac::glue::kernel_device_index(x);
-  if (const char* reason = torchjac::cuda::mlp_forward_unsupported_reason(args, device)) {
-    return reference_forward(mode, in, reason);
-  }
+  const torchjac::cuda::MlpForwardPlan plan = torchjac::cuda::mlp_forward_plan(args, device);
+  if (plan.unsupported_reason != nullptr) return reference_forward(mode, in, plan.unsupported_reason);
 
   const torchjac::glue::ContiguousMlp contiguous(in, &args);
   at::Tensor y = at::empty(y_shape, x.options());
@@ -86,11 +85,11 @@ Outputs forward(MlpMode mode, const MlpInputs& in) {
   args.y = y.data_ptr();
   args.out = out.data_ptr();
   at::Tensor workspace;
-  if (const size_t bytes = torchjac::cuda::mlp_forward_workspace_bytes(args)) {
-    workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+  if (plan.workspace_bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, x.options().dtype(at::kByte));
     args.workspace = workspace.data_ptr();
   }
-  C10_CUDA_CHECK(torchjac::cuda::mlp_forward_launch(args, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(torchjac::cuda::mlp_forward_launch(args, plan, c10::cuda::getCurrentCUDAStream()));
   return {y, out};
 }
 
