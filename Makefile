@@ -43,3 +43,9 @@ fuzz: setup
 cmake-check: setup
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build build/cmake
+
+# The whole validation on a machine with a GPU (.ci/gpu_check.sh): build for sm_90,
+# the CUDA tests, compute-sanitizer, CUDA graphs and the GPU benchmarks, into
+# bench/results/. Without CUDA it says so and fails within seconds.
+gpu-check:
+	bash .ci/gpu_check.sh
