@@ -19,12 +19,13 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
-#include <map>
-#include <mutex>
+#include <array>
 
 #include "activations.cuh"
 #include "launch.cuh"
 #include "non_finite.cuh"
+#include "device_setup.cuh"
+#include "mainloop.cuh"
 
 #if defined(__USE_FAST_MATH__)
 #error "csrc/cuda/mlp_backward.cu must be built without --use_fast_math: fast expf/sinf and approximate division break float32 accuracy"
@@ -34,10 +35,9 @@ namespace torchjac {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
+using mainloop::kLdw;
+using mainloop::kThreads;
 constexpr int kWarp = 32;
-constexpr int kChunk = 32;        // weight rows or columns staged per step
-constexpr int kLdw = kChunk + 1;  // odd row stride: conflict-free smem reads
 constexpr int kReduceThreads = 256;
 constexpr int kReduceBlocksPerSm = 8;
 // The blocks' partial sums of the weight gradients are kept under this size by
@@ -163,33 +163,6 @@ __device__ void load_inputs(const BackwardParams<T>& p, T* buf0, T* buf1, const 
   }
 }
 
-// ws[n * kLdw + c] = B(k0 + c, n) for n < staged, zero where n >= n_count or c >= len;
-// B(k, n) = w[n * ldw + k] (kTransposedW) or w[k * ldw + n]. Global reads are coalesced either way.
-template <typename T, bool kTransposedW>
-__device__ void stage_weights(const T* w, int64_t ldw, int n_count, int k0, int len, int staged, T* ws) {
-  if (kTransposedW) {
-    for (int e = threadIdx.x; e < staged * kChunk; e += kThreads) {
-      const int n = e / kChunk;
-      const int c = e - n * kChunk;
-      ws[n * kLdw + c] = (n < n_count && c < len) ? __ldg(w + n * ldw + k0 + c) : T(0);
-    }
-  } else {
-    for (int e = threadIdx.x; e < staged * kChunk; e += kThreads) {
-      const int c = e / staged;
-      const int n = e - c * staged;
-      ws[n * kLdw + c] = (n < n_count && c < len) ? __ldg(w + (k0 + c) * ldw + n) : T(0);
-    }
-  }
-}
-
-// Stores a product into tile columns [0, ncols): the rows of the next layer.
-template <typename T>
-struct StoreRows {
-  T* tile;
-  int lda;
-  __device__ void operator()(int r, int n, T v) const { tile[r * lda + n] = v; }
-};
-
 // Adds a product, the gradient w.r.t. a group of a layer's [x | cond] columns
 // starting at column col0 of [x | cond], to grad_x and grad_cond (h rows) and,
 // for jvp, to grad_tangents (tangent rows).
@@ -215,101 +188,6 @@ struct StoreInputGrads {
     }
   }
 };
-
-// The products below: C[r][n] = sum_{k < kdim} A[r * lda + a_col0 + k] * B(k, n)
-// for n < ncols, with B as in stage_weights. After a __syncthreads they store
-// C[r][n] for the rows r < active_rows, so a store may overwrite A.
-
-// ncols <= kMaxInOut (the last layer, groups of input columns): each thread
-// takes (row, output) pairs.
-template <typename T, int WIDTH, bool kTransposedW, typename Store>
-__device__ void pair_gemm(const T* A, int lda, int a_col0, int kdim, const T* w, int64_t ldw, int ncols, T* ws,
-                          int active_rows, const Store& store) {
-  constexpr int NP = BackwardTiling<T, WIDTH>::kPairsPerThread;
-  int row[NP], col[NP];
-  T acc[NP];
-#pragma unroll
-  for (int q = 0; q < NP; ++q) {
-    const int e = threadIdx.x + q * kThreads;
-    row[q] = e / ncols;
-    col[q] = e - row[q] * ncols;
-    acc[q] = T(0);
-  }
-  for (int k0 = 0; k0 < kdim; k0 += kChunk) {
-    const int len = min(kChunk, kdim - k0);
-    if (k0 > 0) __syncthreads();  // everyone is done with the previous chunk
-    stage_weights<T, kTransposedW>(w, ldw, ncols, k0, len, ncols, ws);
-    __syncthreads();
-#pragma unroll
-    for (int q = 0; q < NP; ++q) {
-      if (row[q] < active_rows) {
-        const T* a = A + row[q] * lda + a_col0 + k0;
-        const T* b = ws + col[q] * kLdw;
-        for (int kk = 0; kk < len; ++kk) acc[q] += a[kk] * b[kk];
-      }
-    }
-  }
-  __syncthreads();
-#pragma unroll
-  for (int q = 0; q < NP; ++q)
-    if (row[q] < active_rows) store(row[q], col[q], acc[q]);
-}
-
-// kMaxInOut < ncols <= WIDTH (hidden layers): a register tile, as in the forward kernel.
-template <typename T, int WIDTH, bool kTransposedW>
-__device__ void wide_gemm(const T* A, int lda, int a_col0, int kdim, const T* w, int64_t ldw, int ncols, T* ws,
-                          int active_rows, T* out) {
-  using Tl = BackwardTiling<T, WIDTH>;
-  constexpr int RA = Tl::kRowsPerThread, OB = Tl::kOutPerThread;
-  constexpr int TR = Tl::kRowThreads, TO = Tl::kColThreads;
-  const int to = threadIdx.x % TO;
-  const int tr = threadIdx.x / TO;
-  const T* a_row = A + tr * lda + a_col0;
-  const T* w_row = ws + to * kLdw;
-  T acc[RA][OB];
-#pragma unroll
-  for (int i = 0; i < RA; ++i)
-#pragma unroll
-    for (int j = 0; j < OB; ++j) acc[i][j] = T(0);
-  for (int k0 = 0; k0 < kdim; k0 += kChunk) {
-    const int len = min(kChunk, kdim - k0);
-    if (k0 > 0) __syncthreads();
-    stage_weights<T, kTransposedW>(w, ldw, ncols, k0, len, WIDTH, ws);
-    __syncthreads();
-#pragma unroll 4
-    for (int kk = 0; kk < len; ++kk) {
-      T a[RA], b[OB];
-#pragma unroll
-      for (int i = 0; i < RA; ++i) a[i] = a_row[i * TR * lda + k0 + kk];
-#pragma unroll
-      for (int j = 0; j < OB; ++j) b[j] = w_row[j * TO * kLdw + kk];
-#pragma unroll
-      for (int i = 0; i < RA; ++i)
-#pragma unroll
-        for (int j = 0; j < OB; ++j) acc[i][j] += a[i] * b[j];
-    }
-  }
-  __syncthreads();  // outputs may overwrite columns other threads still read
-#pragma unroll
-  for (int i = 0; i < RA; ++i)
-#pragma unroll
-    for (int j = 0; j < OB; ++j) {
-      const int r = tr + i * TR;
-      const int n = to + j * TO;
-      if (n < ncols && r < active_rows) out[r * lda + n] = acc[i][j];
-    }
-}
-
-// A product with ncols <= WIDTH outputs into columns [0, ncols) of `out` (may be A).
-template <typename T, int WIDTH, bool kTransposedW>
-__device__ void gemm_into_rows(const T* A, int lda, int a_col0, int kdim, const T* w, int64_t ldw, int ncols, T* ws,
-                               int active_rows, T* out) {
-  if (ncols <= kMaxInOut) {
-    pair_gemm<T, WIDTH, kTransposedW>(A, lda, a_col0, kdim, w, ldw, ncols, ws, active_rows, StoreRows<T>{out, lda});
-  } else {
-    wide_gemm<T, WIDTH, kTransposedW>(A, lda, a_col0, kdim, w, ldw, ncols, ws, active_rows, out);
-  }
-}
 
 // One out-of-line copy per dtype: the activation switch is large, and three
 // steps of every kernel evaluate it.
@@ -506,7 +384,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
     // 1. The forward, in buf0, saving every layer's [z; tz].
     for (int l = 0; l <= last; ++l) {
       const BackwardLayer<T>& L = p.layers[l];
-      gemm_into_rows<T, WIDTH, true>(buf0, lda, L.col0, L.in_cols, L.weight, L.ldw, L.out, ws, rows, buf0);
+      mainloop::gemm_into_rows<T, Tl, true>(buf0, lda, L.col0, L.in_cols, L.weight, L.ldw, L.out, ws, rows, buf0);
       __syncthreads();
       save_and_activate(L, buf0, states + L.state_offset, lda, npts, kp1, l < last, l == 0 ? &p : nullptr);
       __syncthreads();
@@ -531,11 +409,11 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
       // stores only after a barrier, once every thread is done reading `in`),
       // x and cond columns, in groups of kMaxInOut, into the global gradients.
       if (L.hidden_in > 0) {
-        gemm_into_rows<T, WIDTH, false>(g, lda, 0, L.out, L.weight, L.ldw, L.hidden_in, ws, rows, in);
+        mainloop::gemm_into_rows<T, Tl, false>(g, lda, 0, L.out, L.weight, L.ldw, L.hidden_in, ws, rows, in);
       }
       for (int n0 = L.hidden_in; n0 < L.in_cols; n0 += kMaxInOut) {
-        pair_gemm<T, WIDTH, false>(g, lda, 0, L.out, L.weight + n0, L.ldw, min(kMaxInOut, L.in_cols - n0), ws, rows,
-                                   StoreInputGrads<T>{&p, first, kp1, n0 - L.hidden_in});
+        mainloop::pair_gemm<T, Tl, false>(g, lda, 0, L.out, L.weight + n0, L.ldw, min(kMaxInOut, L.in_cols - n0), ws,
+                                     rows, StoreInputGrads<T>{&p, first, kp1, n0 - L.hidden_in});
       }
       __syncthreads();
       T* swap = g;
@@ -677,41 +555,17 @@ cudaError_t occupancy_of_width(int width, size_t smem_bytes, int* blocks_per_sm)
   }
 }
 
-// Once per device: its SM count and opt-in shared memory per block, with every
-// backward kernel's dynamic shared memory limit raised to the latter. The limit
-// is a per-kernel setting: set per call to that call's size, a concurrent call
-// could lower it between another call's set and its launch.
-struct DeviceSetup {
-  cudaError_t error = cudaSuccess;
-  int max_smem_optin = 0;
-  int sms = 0;
+// The kernels whose shared memory limit device_setup raises.
+struct BackwardKernels {
+  template <typename T, int WIDTH>
+  static const void* k() {
+    return reinterpret_cast<const void*>(&mlp_backward_kernel<T, WIDTH>);
+  }
+  static std::array<const void*, 10> list() {
+    return {k<float, 16>(), k<float, 32>(), k<float, 64>(), k<float, 128>(), k<float, 256>(),
+            k<double, 16>(), k<double, 32>(), k<double, 64>(), k<double, 128>(), k<double, 256>()};
+  }
 };
-
-template <typename T>
-cudaError_t raise_smem_limits(int bytes) {
-  const cudaFuncAttribute attr = cudaFuncAttributeMaxDynamicSharedMemorySize;
-  cudaError_t err = cudaFuncSetAttribute(mlp_backward_kernel<T, 16>, attr, bytes);
-  if (err == cudaSuccess) err = cudaFuncSetAttribute(mlp_backward_kernel<T, 32>, attr, bytes);
-  if (err == cudaSuccess) err = cudaFuncSetAttribute(mlp_backward_kernel<T, 64>, attr, bytes);
-  if (err == cudaSuccess) err = cudaFuncSetAttribute(mlp_backward_kernel<T, 128>, attr, bytes);
-  if (err == cudaSuccess) err = cudaFuncSetAttribute(mlp_backward_kernel<T, 256>, attr, bytes);
-  return err;
-}
-
-const DeviceSetup& device_setup(int device) {
-  static std::mutex mutex;
-  static std::map<int, DeviceSetup> setups;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = setups.find(device);
-  if (it != setups.end()) return it->second;
-  DeviceSetup setup;
-  setup.error = cudaDeviceGetAttribute(&setup.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (setup.error == cudaSuccess) setup.error = cudaDeviceGetAttribute(&setup.sms, cudaDevAttrMultiProcessorCount, device);
-  if (setup.error == cudaSuccess) setup.error = raise_smem_limits<float>(setup.max_smem_optin);
-  if (setup.error == cudaSuccess) setup.error = raise_smem_limits<double>(setup.max_smem_optin);
-  if (setup.error != cudaSuccess) cudaGetLastError();  // clear the error we caused
-  return setups.emplace(device, setup).first->second;
-}
 
 using Plan = MlpBackwardPlan;
 
@@ -746,7 +600,7 @@ Plan make_plan(const MlpBackwardArgs& args, int device) {
   plan.rows = is_double ? tile_rows<double>(plan.width) : tile_rows<float>(plan.width);
   plan.smem_bytes = plan.rows * sizeof(int64_t) +
                     (2 * static_cast<size_t>(plan.rows) * plan.lda + static_cast<size_t>(plan.width) * kLdw) * plan.elem;
-  const DeviceSetup& setup = device_setup(device);
+  const DeviceSetup& setup = device_setup<BackwardKernels>(device);
   if (setup.error != cudaSuccess) return fail("the device's properties could not be queried or set");
   plan.sms = setup.sms;
   if (plan.smem_bytes > static_cast<size_t>(setup.max_smem_optin)) {

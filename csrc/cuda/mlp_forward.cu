@@ -6,12 +6,13 @@
 
 #include <algorithm>
 #include <climits>
-#include <map>
-#include <mutex>
+#include <array>
 
 #include "activations.cuh"
 #include "launch.cuh"
 #include "non_finite.cuh"
+#include "device_setup.cuh"
+#include "mainloop.cuh"
 
 #if defined(__USE_FAST_MATH__)
 #error "csrc/cuda/mlp_forward.cu must be built without --use_fast_math: fast expf/sinf and approximate division break float32 accuracy"
@@ -21,9 +22,8 @@ namespace torchjac {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kChunk = 32;          // weight columns staged per step
-constexpr int kLdw = kChunk + 1;    // odd row stride: conflict-free smem reads
+using mainloop::kLdw;
+using mainloop::kThreads;
 // Cond projections are precomputed when each cond row serves this many points.
 constexpr int64_t kCondShareFactor = 8;
 constexpr int kTemplateWidths[] = {16, 32, 64, 128, 256};
@@ -39,7 +39,7 @@ struct Tiling {
   static constexpr int kRowsPerThread = WIDTH == 16 ? 2 : 4;
   static constexpr int kRows = kRowThreads * kRowsPerThread;
   // The last layer (d_out <= 16 outputs) is computed as (row, output) pairs.
-  static constexpr int kNarrowPerThread = kRows * kMaxInOut / kThreads;
+  static constexpr int kPairsPerThread = kRows * kMaxInOut / kThreads;
   static_assert(WIDTH % kOutPerThread == 0 && kThreads % kColThreads == 0, "bad width");
   static_assert(kRows >= kMaxTangentsPerPass + 1, "a tile must hold one point with all its tangents");
 };
@@ -113,98 +113,6 @@ __device__ void load_inputs(const KernelParams<T>& p, T* tile, const int64_t* co
     }
     tile[r * p.lda + p.x_col + j] = v;
   }
-}
-
-// Stages weight columns [k0, k0 + len) of rows [0, rows) into ws; rows past
-// the layer's outputs become zeros so the register tile needs no guards.
-template <typename T>
-__device__ void load_weight_chunk(const LayerParams<T>& L, T* ws, int rows, int k0, int len) {
-  for (int e = threadIdx.x; e < rows * kChunk; e += kThreads) {
-    const int o = e / kChunk;
-    const int c = e - o * kChunk;
-    T v = T(0);
-    if (o < L.out && c < len) v = __ldg(L.weight + o * L.ldw + k0 + c);
-    ws[o * kLdw + c] = v;
-  }
-}
-
-// z = W * tile_row for every row and every output o < L.out (<= WIDTH),
-// written over the tile's columns [0, L.out).
-template <typename T, int WIDTH>
-__device__ void wide_layer(const LayerParams<T>& L, T* tile, T* ws, int lda) {
-  using Tl = Tiling<WIDTH>;
-  constexpr int RA = Tl::kRowsPerThread, OB = Tl::kOutPerThread;
-  constexpr int TR = Tl::kRowThreads, TO = Tl::kColThreads;
-  const int to = threadIdx.x % TO;
-  const int tr = threadIdx.x / TO;
-  const T* a_row = tile + tr * lda + L.col0;
-  const T* w_row = ws + to * kLdw;
-
-  T acc[RA][OB];
-#pragma unroll
-  for (int i = 0; i < RA; ++i)
-#pragma unroll
-    for (int j = 0; j < OB; ++j) acc[i][j] = T(0);
-
-  for (int k0 = 0; k0 < L.in_cols; k0 += kChunk) {
-    const int len = min(kChunk, L.in_cols - k0);
-    if (k0 > 0) __syncthreads();  // everyone is done with the previous chunk
-    load_weight_chunk(L, ws, WIDTH, k0, len);
-    __syncthreads();
-#pragma unroll 4
-    for (int kk = 0; kk < len; ++kk) {
-      T a[RA], w[OB];
-#pragma unroll
-      for (int i = 0; i < RA; ++i) a[i] = a_row[i * TR * lda + k0 + kk];
-#pragma unroll
-      for (int j = 0; j < OB; ++j) w[j] = w_row[j * TO * kLdw + kk];
-#pragma unroll
-      for (int i = 0; i < RA; ++i)
-#pragma unroll
-        for (int j = 0; j < OB; ++j) acc[i][j] += a[i] * w[j];
-    }
-  }
-  __syncthreads();  // outputs overwrite columns other threads may still read
-#pragma unroll
-  for (int i = 0; i < RA; ++i)
-#pragma unroll
-    for (int j = 0; j < OB; ++j) {
-      const int o = to + j * TO;
-      if (o < L.out) tile[(tr + i * TR) * lda + o] = acc[i][j];
-    }
-}
-
-// The last layer: few outputs, so each thread takes (row, output) pairs.
-template <typename T, int WIDTH>
-__device__ void narrow_layer(const LayerParams<T>& L, T* tile, T* ws, int lda, int active_rows) {
-  constexpr int NP = Tiling<WIDTH>::kNarrowPerThread;
-  int row[NP], col[NP];
-  T acc[NP];
-#pragma unroll
-  for (int q = 0; q < NP; ++q) {
-    const int e = threadIdx.x + q * kThreads;
-    row[q] = e / L.out;
-    col[q] = e - row[q] * L.out;
-    acc[q] = T(0);
-  }
-  for (int k0 = 0; k0 < L.in_cols; k0 += kChunk) {
-    const int len = min(kChunk, L.in_cols - k0);
-    if (k0 > 0) __syncthreads();
-    load_weight_chunk(L, ws, L.out, k0, len);
-    __syncthreads();
-#pragma unroll
-    for (int q = 0; q < NP; ++q) {
-      if (row[q] < active_rows) {
-        const T* a = tile + row[q] * lda + L.col0 + k0;
-        const T* w = ws + col[q] * kLdw;
-        for (int kk = 0; kk < len; ++kk) acc[q] += a[kk] * w[kk];
-      }
-    }
-  }
-  __syncthreads();
-#pragma unroll
-  for (int q = 0; q < NP; ++q)
-    if (row[q] < active_rows) tile[row[q] * lda + col[q]] = acc[q];
 }
 
 // h <- act(z + b [+ W_c cond]); t <- act'(z) * t, for the tile's valid points.
@@ -316,10 +224,12 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) mlp_forward_
     __syncthreads();
     for (int l = 0; l < p.num_layers; ++l) {
       const LayerParams<T>& L = p.layers[l];
+      // z = W * row over the layer's input columns, into columns [0, L.out) of the same rows.
       if (l + 1 < p.num_layers) {
-        wide_layer<T, WIDTH>(L, tile, ws, p.lda);
-      } else {
-        narrow_layer<T, WIDTH>(L, tile, ws, p.lda, npts * kp1);
+        mainloop::wide_gemm<T, Tl, true>(tile, p.lda, L.col0, L.in_cols, L.weight, L.ldw, L.out, ws, Tl::kRows, tile);
+      } else {  // the last layer has few outputs: (row, output) pairs
+        mainloop::pair_gemm<T, Tl, true>(tile, p.lda, L.col0, L.in_cols, L.weight, L.ldw, L.out, ws, npts * kp1,
+                                     mainloop::StoreRows<T>{tile, p.lda});
       }
       __syncthreads();
       activate(L, tile, cond_row, p.lda, npts, kp1, l == 0 ? &p : nullptr);
@@ -364,39 +274,17 @@ int tile_rows(int width) {
 
 size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-// Once per device: its opt-in shared memory per block, with every forward
-// kernel's dynamic shared memory limit raised to it. The limit is a per-kernel
-// setting: set per call to that call's size, a concurrent call could lower it
-// between another call's set and its launch.
-struct DeviceSetup {
-  cudaError_t error = cudaSuccess;
-  int max_smem_optin = 0;
+// The kernels whose shared memory limit device_setup raises.
+struct ForwardKernels {
+  template <typename T, int WIDTH>
+  static const void* k() {
+    return reinterpret_cast<const void*>(&mlp_forward_kernel<T, WIDTH>);
+  }
+  static std::array<const void*, 10> list() {
+    return {k<float, 16>(), k<float, 32>(), k<float, 64>(), k<float, 128>(), k<float, 256>(),
+            k<double, 16>(), k<double, 32>(), k<double, 64>(), k<double, 128>(), k<double, 256>()};
+  }
 };
-
-template <typename T>
-cudaError_t raise_smem_limits(int bytes) {
-  const cudaFuncAttribute attr = cudaFuncAttributeMaxDynamicSharedMemorySize;
-  cudaError_t err = cudaFuncSetAttribute(mlp_forward_kernel<T, 16>, attr, bytes);
-  if (err == cudaSuccess) err = cudaFuncSetAttribute(mlp_forward_kernel<T, 32>, attr, bytes);
-  if (err == cudaSuccess) err = cudaFuncSetAttribute(mlp_forward_kernel<T, 64>, attr, bytes);
-  if (err == cudaSuccess) err = cudaFuncSetAttribute(mlp_forward_kernel<T, 128>, attr, bytes);
-  if (err == cudaSuccess) err = cudaFuncSetAttribute(mlp_forward_kernel<T, 256>, attr, bytes);
-  return err;
-}
-
-const DeviceSetup& device_setup(int device) {
-  static std::mutex mutex;
-  static std::map<int, DeviceSetup> setups;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = setups.find(device);
-  if (it != setups.end()) return it->second;
-  DeviceSetup setup;
-  setup.error = cudaDeviceGetAttribute(&setup.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (setup.error == cudaSuccess) setup.error = raise_smem_limits<float>(setup.max_smem_optin);
-  if (setup.error == cudaSuccess) setup.error = raise_smem_limits<double>(setup.max_smem_optin);
-  if (setup.error != cudaSuccess) cudaGetLastError();  // clear the error we caused
-  return setups.emplace(device, setup).first->second;
-}
 
 using Plan = MlpForwardPlan;
 
@@ -557,7 +445,7 @@ cudaError_t launch_typed(const MlpForwardArgs& a, const Plan& plan, cudaStream_t
 MlpForwardPlan mlp_forward_plan(const MlpForwardArgs& args, int device) {
   MlpForwardPlan plan = make_plan(args);
   if (plan.unsupported_reason != nullptr) return plan;
-  const DeviceSetup& setup = device_setup(device);
+  const DeviceSetup& setup = device_setup<ForwardKernels>(device);
   if (setup.error != cudaSuccess) {
     plan.unsupported_reason = "the device's shared memory size could not be queried or set";
   } else if (plan.smem_bytes > static_cast<size_t>(setup.max_smem_optin)) {
