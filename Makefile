@@ -24,7 +24,7 @@ emulation:
 
 # On demand, not in `make test`: the emulation built with ASan + UBSan, or with
 # TSan, on the thread backend, over a sample of the CUDA tests.
-SANITIZED_SAMPLE = tests/test_cuda_forward.py tests/test_cuda_backward.py -k "every_width or cond_layouts or test_cond or jvp"
+SANITIZED_SAMPLE = tests/test_cuda_forward.py tests/test_cuda_backward.py -k "test_jvp or (test_cond_layouts and shared)"
 emulation-asan:
 	TORCHJAC_EMU_SANITIZER=address LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	  ASAN_OPTIONS=detect_leaks=0 $(EMULATE) -x $(SANITIZED_SAMPLE)

@@ -2,7 +2,7 @@
 // csrc/cuda uses. It stands in for the real <cuda_runtime.h> when the kernel
 // sources are compiled as C++ (tests/cuda_emulation/build.py). Each CUDA thread
 // of a block runs as a fiber (or an OS thread, for TSan); __syncthreads is a
-// scheduling point. What it checks: tests/cuda_emulation/README.md.
+// scheduling point. What it checks and cannot: docs/cuda.md, "Emulation".
 #pragma once
 
 // Standard headers first: the macros below (__noinline__ in particular) must
