@@ -30,7 +30,13 @@ PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&torchjac_module); }
 
 #define TORCHJAC_GRADS "Tensor grad_x, Tensor grad_cond, Tensor[] grad_weights, Tensor[] grad_biases"
 
-TORCH_LIBRARY(torchjac, m) {
+// The host emulation of the CUDA kernels (tests/cuda_emulation) defines the
+// same schemas in a namespace of its own.
+#ifndef TORCHJAC_OPS_NAMESPACE
+#define TORCHJAC_OPS_NAMESPACE torchjac
+#endif
+
+TORCH_LIBRARY(TORCHJAC_OPS_NAMESPACE, m) {
   // J[..., i, j] = d y_i / d x_j, shape (..., d_out, d_in).
   m.def("mlp_jacobian(" TORCHJAC_MLP_ARGS ") -> (Tensor y, Tensor jac)");
   // Trace of J, shape (...). Needs d_out == d_in.

@@ -6,7 +6,8 @@ and whose gradients come from one more autograd.grad. It shares no code with
 torchjac. The backward ops are called directly through torch.ops.torchjac, and
 training goes through the public API. Every call made through `fused` also
 asserts that no fused kernel fell back to the reference path. The whole module
-is skipped without CUDA.
+runs on a CUDA device or, with TORCHJAC_EMULATE_CUDA=1, in the host emulation of the
+kernels (tests/cuda_backend.py).
 """
 import math
 import os
@@ -21,11 +22,10 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 import torchjac
+from cuda_backend import DEVICE, needs_real_gpu, requires_kernels
 from test_cuda_forward import ACTIVATION_CASES, ORACLE_ACTIVATIONS, fallback_messages, max_rel_err
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-DEVICE = "cuda"
+pytestmark = requires_kernels
 MODES = ["jacobian", "divergence", "jvp", "hutchinson"]
 TEMPLATE_WIDTHS = [16, 32, 64, 128, 256]
 DTYPES = [torch.float32, torch.float64]
@@ -423,10 +423,6 @@ def test_errors_name_the_argument():
         weights = list(mlp.weights)
         weights[1] = weights[1].double()
         op(y, jac, x, cond, weights, *mlp.args()[1:])
-    with pytest.raises(ValueError, match=r"biases\[0\]: expected device cuda:0 like x, got cpu"):
-        biases = list(mlp.biases)
-        biases[0] = biases[0].cpu()
-        op(y, jac, x, cond, mlp.weights, biases, *mlp.args()[2:])
     with pytest.raises(ValueError, match="mlp_divergence_backward: divergence needs d_out == d_in"):
         torch.ops.torchjac.mlp_divergence_backward(y, y[:, 0], x, cond, *mlp.args())
     with pytest.raises(ValueError, match=r"tangents: expected shape \(10, 'k', 3\)"):
@@ -439,6 +435,21 @@ def test_errors_name_the_argument():
     with pytest.raises(TypeError, match="support float32 and float64, got x of dtype torch.float16"):
         half = Mlp([w.half() for w in mlp.weights], [b.half() for b in mlp.biases], *mlp.args()[2:])
         op(y.half(), jac.half(), x.half(), cond.half(), *half.args())
+
+
+
+@needs_real_gpu
+def test_device_errors_name_the_argument():
+    """A tensor on another device than x (the emulation has only one)."""
+    mlp = make_mlp(3, 2, [32], dtype=torch.float32)
+    x = points(10, d_in=3, dtype=torch.float32)
+    cond = no_cond(x)
+    y, jac = torch.ops.torchjac.mlp_jacobian(x, cond, *mlp.args())
+    op = torch.ops.torchjac.mlp_jacobian_backward
+    with pytest.raises(ValueError, match=r"biases\[0\]: expected device cuda:0 like x, got cpu"):
+        biases = list(mlp.biases)
+        biases[0] = biases[0].cpu()
+        op(y, jac, x, cond, mlp.weights, biases, *mlp.args()[2:])
 
 
 # --- PyTorch integration ------------------------------------------------------------
@@ -515,6 +526,7 @@ def test_compiled_training_step_equals_eager(name):
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
+@needs_real_gpu
 def test_compile_reduce_overhead():
     """CUDA graphs replay the backward on the capture stream: catches launches, memsets or workspace
     allocations outside the current stream."""
@@ -591,6 +603,7 @@ FALLBACK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@needs_real_gpu
 def test_fallback_warns_once():
     """Width 320 is past the largest template: the reference path runs, with one warning per process."""
     result = subprocess.run([sys.executable, "-W", "always", "-c", FALLBACK_SCRIPT], capture_output=True, text=True,

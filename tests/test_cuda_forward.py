@@ -4,7 +4,8 @@ The oracle is built here from the same weights: a float64 MLP written with
 torch.nn.functional, differentiated with vmap(jacrev). It shares no code with
 torchjac. The ops are called directly through torch.ops.torchjac with explicit
 weight lists. Every call made through `fused` also asserts that the fused
-kernel ran, not the reference fallback. The whole module is skipped without CUDA.
+kernel ran, not the reference fallback. It runs on a CUDA device or, with
+TORCHJAC_EMULATE_CUDA=1, in the host emulation of the kernels (tests/cuda_backend.py).
 """
 import contextlib
 import math
@@ -23,10 +24,9 @@ import torch.nn.functional as F
 from torch.func import jacrev, vmap
 
 import torchjac  # noqa: F401  (loads torchjac._C: the op schemas and the CUDA kernels)
+from cuda_backend import DEVICE, needs_real_gpu, requires_kernels
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-DEVICE = "cuda"
+pytestmark = requires_kernels
 FALLBACK_MESSAGE = "reference path"  # in the glue's fallback warning
 TEMPLATE_WIDTHS = [16, 32, 64, 128, 256]
 FLOAT64_TOL = 1e-10
@@ -417,10 +417,6 @@ def test_errors_name_the_argument():
         weights = list(mlp.weights)
         weights[1] = weights[1].double()
         torch.ops.torchjac.mlp_jacobian(x, cond, weights, *mlp.args()[1:])
-    with pytest.raises(ValueError, match=r"biases\[0\]: expected device cuda:0 like x, got cpu"):
-        biases = list(mlp.biases)
-        biases[0] = biases[0].cpu()
-        torch.ops.torchjac.mlp_jacobian(x, cond, mlp.weights, biases, *mlp.args()[2:])
     with pytest.raises(ValueError, match=r"weights\[0\]: expected 2 input features"):
         torch.ops.torchjac.mlp_jacobian(x[..., :2].contiguous(), cond, *mlp.args())
     with pytest.raises(ValueError, match="divergence needs d_out == d_in"):
@@ -434,6 +430,19 @@ def test_errors_name_the_argument():
     with pytest.raises(TypeError, match="support float32 and float64, got x of dtype torch.float16"):
         half = mlp.to(torch.float16)
         torch.ops.torchjac.mlp_jacobian(x.half(), cond.half(), *half.args())
+
+
+
+@needs_real_gpu
+def test_device_errors_name_the_argument():
+    """A tensor on another device than x (the emulation has only one)."""
+    mlp = make_mlp(3, 2, [32]).to(torch.float32)
+    x = points(10, d_in=3, dtype=torch.float32)
+    cond = no_cond(x)
+    with pytest.raises(ValueError, match=r"biases\[0\]: expected device cuda:0 like x, got cpu"):
+        biases = list(mlp.biases)
+        biases[0] = biases[0].cpu()
+        torch.ops.torchjac.mlp_jacobian(x, cond, mlp.weights, biases, *mlp.args()[2:])
 
 
 # --- PyTorch integration -----------------------------------------------------
@@ -477,6 +486,7 @@ def test_compile_fullgraph():
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@needs_real_gpu
 def test_compile_reduce_overhead():
     """CUDA graphs replay the kernel on the capture stream: catches launches on the wrong stream."""
     mlp = make_mlp(3, 3, [64, 64], dtype=torch.float32)
@@ -505,6 +515,7 @@ FALLBACK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@needs_real_gpu
 def test_fallback_warns_once():
     """Width 320 is past the largest template: the reference path runs, with one warning per process.
 

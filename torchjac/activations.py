@@ -14,8 +14,7 @@ already when beta*z >= threshold.
 
 One deliberate difference: at a NaN pre-activation every derivative is NaN.
 PyTorch's ReLU and LeakyReLU backward give 0 or the slope there, which would
-turn a NaN point into a finite, wrong Jacobian. (The CUDA copy does not have
-this rule yet; see docs/cuda.md.)
+turn a NaN point into a finite, wrong Jacobian. The CUDA copy has the same rule.
 """
 import math
 from enum import IntEnum

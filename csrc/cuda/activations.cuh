@@ -3,8 +3,11 @@
 // Python copy is torchjac/activations.py and the codes must stay equal.
 //
 // Derivatives at kinks follow PyTorch's autograd: ReLU'(0) = 0,
-// LeakyReLU'(0) = slope, ELU'(0) = alpha, Softplus is the identity when
-// beta * z > threshold. The second derivative is for the backward kernels.
+// LeakyReLU'(0) = slope, ELU'(0) = alpha but ELU''(0) = 0, Softplus is the
+// identity when beta * z > threshold and Softplus'' = 0 already when
+// beta * z >= threshold. As in activations.py, a NaN z gives a NaN value and
+// NaN derivatives (ReLU and LeakyReLU included). The second derivative is for
+// the backward kernels. tests/test_cuda_emulation.py holds both copies equal.
 #pragma once
 
 #include <math.h>
@@ -87,15 +90,17 @@ TORCHJAC_HD Derivatives<T> evaluate(int code, T p0, T p1, T z) {
   switch (code) {
     case kIdentity:
       return {z, T(1), T(0)};
+    // The comparisons are written so that a NaN z falls through to z itself.
     case kRelu:
-      return {z > T(0) ? z : T(0), z > T(0) ? T(1) : T(0), T(0)};
+      return {z <= T(0) ? T(0) : z, z > T(0) ? T(1) : (z <= T(0) ? T(0) : z), T(0)};
     case kLeakyRelu:
-      return {z > T(0) ? z : z * p0, z > T(0) ? T(1) : p0, T(0)};
+      return {z > T(0) ? z : z * p0, z > T(0) ? T(1) : (z <= T(0) ? p0 : z), T(0)};
     case kSoftplus: {
       const T bz = z * p0;
       if (bz > p1) return {z, T(1), T(0)};
       const T s = sigmoid(bz);
-      return {log1p_(exp_(bz)) / p0, s, p0 * s * (T(1) - s)};
+      // At bz == threshold PyTorch's gradient is already the identity's: Softplus'' = 0.
+      return {log1p_(exp_(bz)) / p0, s, bz >= p1 ? T(0) : p0 * s * (T(1) - s)};
     }
     case kSilu: {
       const T s = sigmoid(z);
@@ -126,7 +131,7 @@ TORCHJAC_HD Derivatives<T> evaluate(int code, T p0, T p1, T z) {
     case kElu: {
       if (z > T(0)) return {z, T(1), T(0)};
       const T e = p0 * exp_(z);
-      return {p0 * expm1_(z), e, e};
+      return {p0 * expm1_(z), e, z >= T(0) ? T(0) : e};  // ELU''(0) = 0, as PyTorch's autograd
     }
     case kSine: {
       T s, c;

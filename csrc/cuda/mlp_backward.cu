@@ -19,8 +19,13 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <array>
 
 #include "activations.cuh"
+#include "launch.cuh"
+#include "non_finite.cuh"
+#include "device_setup.cuh"
+#include "mainloop.cuh"
 
 #if defined(__USE_FAST_MATH__)
 #error "csrc/cuda/mlp_backward.cu must be built without --use_fast_math: fast expf/sinf and approximate division break float32 accuracy"
@@ -30,10 +35,9 @@ namespace torchjac {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
+using mainloop::kLdw;
+using mainloop::kThreads;
 constexpr int kWarp = 32;
-constexpr int kChunk = 32;        // weight rows or columns staged per step
-constexpr int kLdw = kChunk + 1;  // odd row stride: conflict-free smem reads
 constexpr int kReduceThreads = 256;
 constexpr int kReduceBlocksPerSm = 8;
 // The blocks' partial sums of the weight gradients are kept under this size by
@@ -159,33 +163,6 @@ __device__ void load_inputs(const BackwardParams<T>& p, T* buf0, T* buf1, const 
   }
 }
 
-// ws[n * kLdw + c] = B(k0 + c, n) for n < staged, zero where n >= n_count or c >= len;
-// B(k, n) = w[n * ldw + k] (kTransposedW) or w[k * ldw + n]. Global reads are coalesced either way.
-template <typename T, bool kTransposedW>
-__device__ void stage_weights(const T* w, int64_t ldw, int n_count, int k0, int len, int staged, T* ws) {
-  if (kTransposedW) {
-    for (int e = threadIdx.x; e < staged * kChunk; e += kThreads) {
-      const int n = e / kChunk;
-      const int c = e - n * kChunk;
-      ws[n * kLdw + c] = (n < n_count && c < len) ? __ldg(w + n * ldw + k0 + c) : T(0);
-    }
-  } else {
-    for (int e = threadIdx.x; e < staged * kChunk; e += kThreads) {
-      const int c = e / staged;
-      const int n = e - c * staged;
-      ws[n * kLdw + c] = (n < n_count && c < len) ? __ldg(w + (k0 + c) * ldw + n) : T(0);
-    }
-  }
-}
-
-// Stores a product into tile columns [0, ncols): the rows of the next layer.
-template <typename T>
-struct StoreRows {
-  T* tile;
-  int lda;
-  __device__ void operator()(int r, int n, T v) const { tile[r * lda + n] = v; }
-};
-
 // Adds a product, the gradient w.r.t. a group of a layer's [x | cond] columns
 // starting at column col0 of [x | cond], to grad_x and grad_cond (h rows) and,
 // for jvp, to grad_tangents (tangent rows).
@@ -212,101 +189,6 @@ struct StoreInputGrads {
   }
 };
 
-// The products below: C[r][n] = sum_{k < kdim} A[r * lda + a_col0 + k] * B(k, n)
-// for n < ncols, with B as in stage_weights. After a __syncthreads they store
-// C[r][n] for the rows r < active_rows, so a store may overwrite A.
-
-// ncols <= kMaxInOut (the last layer, groups of input columns): each thread
-// takes (row, output) pairs.
-template <typename T, int WIDTH, bool kTransposedW, typename Store>
-__device__ void pair_gemm(const T* A, int lda, int a_col0, int kdim, const T* w, int64_t ldw, int ncols, T* ws,
-                          int active_rows, const Store& store) {
-  constexpr int NP = BackwardTiling<T, WIDTH>::kPairsPerThread;
-  int row[NP], col[NP];
-  T acc[NP];
-#pragma unroll
-  for (int q = 0; q < NP; ++q) {
-    const int e = threadIdx.x + q * kThreads;
-    row[q] = e / ncols;
-    col[q] = e - row[q] * ncols;
-    acc[q] = T(0);
-  }
-  for (int k0 = 0; k0 < kdim; k0 += kChunk) {
-    const int len = min(kChunk, kdim - k0);
-    if (k0 > 0) __syncthreads();  // everyone is done with the previous chunk
-    stage_weights<T, kTransposedW>(w, ldw, ncols, k0, len, ncols, ws);
-    __syncthreads();
-#pragma unroll
-    for (int q = 0; q < NP; ++q) {
-      if (row[q] < active_rows) {
-        const T* a = A + row[q] * lda + a_col0 + k0;
-        const T* b = ws + col[q] * kLdw;
-        for (int kk = 0; kk < len; ++kk) acc[q] += a[kk] * b[kk];
-      }
-    }
-  }
-  __syncthreads();
-#pragma unroll
-  for (int q = 0; q < NP; ++q)
-    if (row[q] < active_rows) store(row[q], col[q], acc[q]);
-}
-
-// kMaxInOut < ncols <= WIDTH (hidden layers): a register tile, as in the forward kernel.
-template <typename T, int WIDTH, bool kTransposedW>
-__device__ void wide_gemm(const T* A, int lda, int a_col0, int kdim, const T* w, int64_t ldw, int ncols, T* ws,
-                          int active_rows, T* out) {
-  using Tl = BackwardTiling<T, WIDTH>;
-  constexpr int RA = Tl::kRowsPerThread, OB = Tl::kOutPerThread;
-  constexpr int TR = Tl::kRowThreads, TO = Tl::kColThreads;
-  const int to = threadIdx.x % TO;
-  const int tr = threadIdx.x / TO;
-  const T* a_row = A + tr * lda + a_col0;
-  const T* w_row = ws + to * kLdw;
-  T acc[RA][OB];
-#pragma unroll
-  for (int i = 0; i < RA; ++i)
-#pragma unroll
-    for (int j = 0; j < OB; ++j) acc[i][j] = T(0);
-  for (int k0 = 0; k0 < kdim; k0 += kChunk) {
-    const int len = min(kChunk, kdim - k0);
-    if (k0 > 0) __syncthreads();
-    stage_weights<T, kTransposedW>(w, ldw, ncols, k0, len, WIDTH, ws);
-    __syncthreads();
-#pragma unroll 4
-    for (int kk = 0; kk < len; ++kk) {
-      T a[RA], b[OB];
-#pragma unroll
-      for (int i = 0; i < RA; ++i) a[i] = a_row[i * TR * lda + k0 + kk];
-#pragma unroll
-      for (int j = 0; j < OB; ++j) b[j] = w_row[j * TO * kLdw + kk];
-#pragma unroll
-      for (int i = 0; i < RA; ++i)
-#pragma unroll
-        for (int j = 0; j < OB; ++j) acc[i][j] += a[i] * b[j];
-    }
-  }
-  __syncthreads();  // outputs may overwrite columns other threads still read
-#pragma unroll
-  for (int i = 0; i < RA; ++i)
-#pragma unroll
-    for (int j = 0; j < OB; ++j) {
-      const int r = tr + i * TR;
-      const int n = to + j * TO;
-      if (n < ncols && r < active_rows) out[r * lda + n] = acc[i][j];
-    }
-}
-
-// A product with ncols <= WIDTH outputs into columns [0, ncols) of `out` (may be A).
-template <typename T, int WIDTH, bool kTransposedW>
-__device__ void gemm_into_rows(const T* A, int lda, int a_col0, int kdim, const T* w, int64_t ldw, int ncols, T* ws,
-                               int active_rows, T* out) {
-  if (ncols <= kMaxInOut) {
-    pair_gemm<T, WIDTH, kTransposedW>(A, lda, a_col0, kdim, w, ldw, ncols, ws, active_rows, StoreRows<T>{out, lda});
-  } else {
-    wide_gemm<T, WIDTH, kTransposedW>(A, lda, a_col0, kdim, w, ldw, ncols, ws, active_rows, out);
-  }
-}
-
 // One out-of-line copy per dtype: the activation switch is large, and three
 // steps of every kernel evaluate it.
 template <typename T>
@@ -314,12 +196,19 @@ __device__ __noinline__ act::Derivatives<T> activation(int code, T p0, T p1, T z
   return act::evaluate(code, p0, p1, z);
 }
 
+// act'(z) of a point's h row `row`; for the first layer (first != null) with the
+// non-finite rule, from the x and cond the row holds in its input columns.
+template <typename T>
+__device__ T slope_of(const act::Derivatives<T>& d, const BackwardParams<T>* first, const T* row) {
+  return first == nullptr ? d.d1 : d.d1 + non_finite_sum(row + first->x_col, first->d_in + first->cond_dim);
+}
+
 // After a layer's product: z = product + b goes to the state scratch with the
 // tangent rows tz; unless it is the last layer, the tile becomes h = act(z),
 // t = act'(z) tz. Only the tile's points.
 template <typename T>
 __device__ void save_and_activate(const BackwardLayer<T>& L, T* tile, T* state, int lda, int npts, int kp1,
-                                  bool activate) {
+                                  bool activate, const BackwardParams<T>* first) {
   for (int e = threadIdx.x; e < npts * L.out; e += kThreads) {
     const int pt = e / L.out;
     const int o = e - pt * L.out;
@@ -330,8 +219,9 @@ __device__ void save_and_activate(const BackwardLayer<T>& L, T* tile, T* state, 
     for (int s = 1; s < kp1; ++s) st[s * L.out] = h[s * lda];
     if (activate) {
       const act::Derivatives<T> d = activation(L.act, L.p0, L.p1, z);
+      const T slope = slope_of(d, first, h - o);
       *h = d.value;
-      for (int s = 1; s < kp1; ++s) h[s * lda] *= d.d1;
+      for (int s = 1; s < kp1; ++s) h[s * lda] *= slope;
     }
   }
 }
@@ -373,33 +263,37 @@ __device__ void load_output_grads(const BackwardParams<T>& p, T* g, int64_t firs
 // Through layer L's activation, in place: g_z = g_h act'(z) + (sum_s g_t_s tz_s) act''(z),
 // g_tz = act'(z) g_t.
 template <typename T>
-__device__ void activation_backward(const BackwardLayer<T>& L, T* g, const T* state, int lda, int npts, int kp1) {
-  if (L.act == act::kIdentity) return;  // g_z = g_h, g_tz = g_t
+__device__ void activation_backward(const BackwardLayer<T>& L, T* g, const T* state, int lda, int npts, int kp1,
+                                    const BackwardParams<T>* first) {
+  if (L.act == act::kIdentity && first == nullptr) return;  // g_z = g_h, g_tz = g_t
   for (int e = threadIdx.x; e < npts * L.out; e += kThreads) {
     const int pt = e / L.out;
     const int o = e - pt * L.out;
     T* row = g + pt * kp1 * lda + o;
     const T* st = state + pt * kp1 * L.out + o;
     const act::Derivatives<T> d = activation(L.act, L.p0, L.p1, st[0]);
+    const T slope = slope_of(d, first, row - o);
     T tangent_sum = T(0);
     for (int s = 1; s < kp1; ++s) tangent_sum += row[s * lda] * st[s * L.out];
-    row[0] = row[0] * d.d1 + tangent_sum * d.d2;
-    for (int s = 1; s < kp1; ++s) row[s * lda] *= d.d1;
+    row[0] = row[0] * slope + tangent_sum * d.d2;
+    for (int s = 1; s < kp1; ++s) row[s * lda] *= slope;
   }
 }
 
 // The h columns [0, prev.out) of the input rows of the layer after `prev`,
 // rebuilt from prev's saved [z; tz]: h = act(z), t = act'(z) tz.
 template <typename T>
-__device__ void rebuild_inputs(const BackwardLayer<T>& prev, T* in, const T* state, int lda, int npts, int kp1) {
+__device__ void rebuild_inputs(const BackwardLayer<T>& prev, T* in, const T* state, int lda, int npts, int kp1,
+                               const BackwardParams<T>* first) {
   for (int e = threadIdx.x; e < npts * prev.out; e += kThreads) {
     const int pt = e / prev.out;
     const int j = e - pt * prev.out;
     T* row = in + pt * kp1 * lda + j;
     const T* st = state + pt * kp1 * prev.out + j;
     const act::Derivatives<T> d = activation(prev.act, prev.p0, prev.p1, st[0]);
+    const T slope = slope_of(d, first, row - j);
     row[0] = d.value;
-    for (int s = 1; s < kp1; ++s) row[s * lda] = d.d1 * st[s * prev.out];
+    for (int s = 1; s < kp1; ++s) row[s * lda] = slope * st[s * prev.out];
   }
 }
 
@@ -463,7 +357,7 @@ template <typename T, int WIDTH>
 __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
     mlp_backward_kernel(const __grid_constant__ BackwardParams<T> p) {
   using Tl = BackwardTiling<T, WIDTH>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  TORCHJAC_DYNAMIC_SMEM(smem);
   int64_t* cond_row = reinterpret_cast<int64_t*>(smem);
   T* buf0 = reinterpret_cast<T*>(cond_row + Tl::kRows);
   T* buf1 = buf0 + Tl::kRows * p.lda;
@@ -490,9 +384,9 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
     // 1. The forward, in buf0, saving every layer's [z; tz].
     for (int l = 0; l <= last; ++l) {
       const BackwardLayer<T>& L = p.layers[l];
-      gemm_into_rows<T, WIDTH, true>(buf0, lda, L.col0, L.in_cols, L.weight, L.ldw, L.out, ws, rows, buf0);
+      mainloop::gemm_into_rows<T, Tl, true>(buf0, lda, L.col0, L.in_cols, L.weight, L.ldw, L.out, ws, rows, buf0);
       __syncthreads();
-      save_and_activate(L, buf0, states + L.state_offset, lda, npts, kp1, l < last);
+      save_and_activate(L, buf0, states + L.state_offset, lda, npts, kp1, l < last, l == 0 ? &p : nullptr);
       __syncthreads();
     }
 
@@ -504,19 +398,22 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
     T* in = buf1;
     for (int l = last; l >= 0; --l) {
       const BackwardLayer<T>& L = p.layers[l];
-      activation_backward(L, g, states + L.state_offset, lda, npts, kp1);
-      if (l > 0) rebuild_inputs(p.layers[l - 1], in, states + p.layers[l - 1].state_offset, lda, npts, kp1);
+      activation_backward(L, g, states + L.state_offset, lda, npts, kp1, l == 0 ? &p : nullptr);
+      if (l > 0) {
+        rebuild_inputs(p.layers[l - 1], in, states + p.layers[l - 1].state_offset, lda, npts, kp1,
+                       l == 1 ? &p : nullptr);
+      }
       __syncthreads();
       accumulate_weight_grads<T, WIDTH>(L, g, in, lda, npts, kp1, partials + L.partial_offset);
       // The gradient rows of layer l's input: h columns into `in` (a product
       // stores only after a barrier, once every thread is done reading `in`),
       // x and cond columns, in groups of kMaxInOut, into the global gradients.
       if (L.hidden_in > 0) {
-        gemm_into_rows<T, WIDTH, false>(g, lda, 0, L.out, L.weight, L.ldw, L.hidden_in, ws, rows, in);
+        mainloop::gemm_into_rows<T, Tl, false>(g, lda, 0, L.out, L.weight, L.ldw, L.hidden_in, ws, rows, in);
       }
       for (int n0 = L.hidden_in; n0 < L.in_cols; n0 += kMaxInOut) {
-        pair_gemm<T, WIDTH, false>(g, lda, 0, L.out, L.weight + n0, L.ldw, min(kMaxInOut, L.in_cols - n0), ws, rows,
-                                   StoreInputGrads<T>{&p, first, kp1, n0 - L.hidden_in});
+        mainloop::pair_gemm<T, Tl, false>(g, lda, 0, L.out, L.weight + n0, L.ldw, min(kMaxInOut, L.in_cols - n0), ws,
+                                     rows, StoreInputGrads<T>{&p, first, kp1, n0 - L.hidden_in});
       }
       __syncthreads();
       T* swap = g;
@@ -557,19 +454,6 @@ __global__ void reduce_partials_kernel(const __grid_constant__ ReduceParams<T> p
     }
   }
 }
-
-// The points of one broadcast cond row: cond row g is fixed by the kept dims
-// of x's leading dims, and its points range over the broadcast dims.
-struct CondGroups {
-  int num_kept = 0;
-  int64_t kept_sizes[kMaxCondDims] = {};
-  int64_t kept_row_strides[kMaxCondDims] = {};
-  int64_t kept_point_strides[kMaxCondDims] = {};
-  int num_broadcast = 0;
-  int64_t broadcast_sizes[kMaxCondDims] = {};
-  int64_t broadcast_point_strides[kMaxCondDims] = {};
-  int64_t points_per_row = 1;
-};
 
 CondGroups make_cond_groups(const CondRowMap& m) {
   CondGroups g;
@@ -651,61 +535,46 @@ int tile_rows(int width) {
 
 size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-// Sets the kernel's shared-memory limit and asks how many blocks fit on an SM.
+// How many blocks of the kernel fit on an SM: a query, once device_setup has
+// raised the kernel's shared memory limit.
 template <typename T, int WIDTH>
-cudaError_t prepare_kernel(size_t smem_bytes, int* blocks_per_sm) {
-  auto kernel = mlp_backward_kernel<T, WIDTH>;
-  if (smem_bytes > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem_bytes));
-    if (err != cudaSuccess) return err;
-  }
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, kernel, kThreads, smem_bytes);
+cudaError_t occupancy(size_t smem_bytes, int* blocks_per_sm) {
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, mlp_backward_kernel<T, WIDTH>, kThreads,
+                                                       smem_bytes);
 }
 
 template <typename T>
-cudaError_t prepare_width(int width, size_t smem_bytes, int* blocks_per_sm) {
+cudaError_t occupancy_of_width(int width, size_t smem_bytes, int* blocks_per_sm) {
   switch (width) {
-    case 16: return prepare_kernel<T, 16>(smem_bytes, blocks_per_sm);
-    case 32: return prepare_kernel<T, 32>(smem_bytes, blocks_per_sm);
-    case 64: return prepare_kernel<T, 64>(smem_bytes, blocks_per_sm);
-    case 128: return prepare_kernel<T, 128>(smem_bytes, blocks_per_sm);
-    case 256: return prepare_kernel<T, 256>(smem_bytes, blocks_per_sm);
+    case 16: return occupancy<T, 16>(smem_bytes, blocks_per_sm);
+    case 32: return occupancy<T, 32>(smem_bytes, blocks_per_sm);
+    case 64: return occupancy<T, 64>(smem_bytes, blocks_per_sm);
+    case 128: return occupancy<T, 128>(smem_bytes, blocks_per_sm);
+    case 256: return occupancy<T, 256>(smem_bytes, blocks_per_sm);
     default: return cudaErrorNotSupported;
   }
 }
 
-// Everything about a launch that follows from the arguments and the device.
-struct Plan {
-  const char* problem = nullptr;  // why the kernels do not cover the arguments
-  int width = 0;                  // template width
-  int hidden = 0;                 // H, 0 for a single layer
-  int x_col = 0;
-  int lda = 0;
-  int rows = 0;
-  bool skip[kMaxLayers] = {};
-  size_t elem = 0;
-  size_t smem_bytes = 0;
-  int64_t total_tangents = 0;  // d_in basis vectors, the jvp tangents or the noise samples
-  int64_t per_pass = 0;        // tangents carried per pass
-  int grid = 0;                // blocks of the main kernel, the same for every pass
-  int sms = 0;
-  int64_t state_stride = 0;    // elements of a block's state scratch
-  int64_t partial_stride = 0;  // elements of a block's partial sums: every weight and bias
-  bool cond_broadcast = false;  // some cond row is read by several points
-  CondGroups cond_groups;
-  int64_t cond_chunk = 0, cond_chunks = 0;
-  size_t states_bytes = 0, partials_bytes = 0, cond_points_bytes = 0, cond_partials_bytes = 0;
-
-  size_t workspace_bytes() const { return states_bytes + partials_bytes + cond_points_bytes + cond_partials_bytes; }
+// The kernels whose shared memory limit device_setup raises.
+struct BackwardKernels {
+  template <typename T, int WIDTH>
+  static const void* k() {
+    return reinterpret_cast<const void*>(&mlp_backward_kernel<T, WIDTH>);
+  }
+  static std::array<const void*, 10> list() {
+    return {k<float, 16>(), k<float, 32>(), k<float, 64>(), k<float, 128>(), k<float, 256>(),
+            k<double, 16>(), k<double, 32>(), k<double, 64>(), k<double, 128>(), k<double, 256>()};
+  }
 };
+
+using Plan = MlpBackwardPlan;
 
 bool reads_input(const Plan& plan, int64_t layer) { return layer == 0 || plan.skip[layer]; }
 
 Plan make_plan(const MlpBackwardArgs& args, int device) {
   Plan plan;
   auto fail = [&](const char* why) {
-    plan.problem = why;
+    plan.unsupported_reason = why;
     return plan;
   };
   const MlpForwardArgs& a = args.forward;
@@ -731,13 +600,10 @@ Plan make_plan(const MlpBackwardArgs& args, int device) {
   plan.rows = is_double ? tile_rows<double>(plan.width) : tile_rows<float>(plan.width);
   plan.smem_bytes = plan.rows * sizeof(int64_t) +
                     (2 * static_cast<size_t>(plan.rows) * plan.lda + static_cast<size_t>(plan.width) * kLdw) * plan.elem;
-  int max_smem = 0;
-  if (cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&plan.sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    cudaGetLastError();  // clear the error we caused
-    return fail("the device's properties could not be queried");
-  }
-  if (plan.smem_bytes > static_cast<size_t>(max_smem)) {
+  const DeviceSetup& setup = device_setup<BackwardKernels>(device);
+  if (setup.error != cudaSuccess) return fail("the device's properties could not be queried or set");
+  plan.sms = setup.sms;
+  if (plan.smem_bytes > static_cast<size_t>(setup.max_smem_optin)) {
     return fail("the backward tile does not fit in the device's shared memory (wide cond, or float64 at width 256)");
   }
 
@@ -753,8 +619,8 @@ Plan make_plan(const MlpBackwardArgs& args, int device) {
   if (a.num_points == 0) return plan;
 
   int blocks_per_sm = 0;
-  const cudaError_t err = is_double ? prepare_width<double>(plan.width, plan.smem_bytes, &blocks_per_sm)
-                                    : prepare_width<float>(plan.width, plan.smem_bytes, &blocks_per_sm);
+  const cudaError_t err = is_double ? occupancy_of_width<double>(plan.width, plan.smem_bytes, &blocks_per_sm)
+                                    : occupancy_of_width<float>(plan.width, plan.smem_bytes, &blocks_per_sm);
   if (err != cudaSuccess || blocks_per_sm < 1) {
     cudaGetLastError();
     return fail("the backward kernel cannot be resident on the device (shared memory or registers)");
@@ -793,7 +659,7 @@ unsigned reduce_blocks(int64_t total, const Plan& plan) {
 
 template <typename T, int WIDTH>
 cudaError_t launch_main(const BackwardParams<T>& kp, const Plan& plan, cudaStream_t stream) {
-  mlp_backward_kernel<T, WIDTH><<<plan.grid, kThreads, plan.smem_bytes, stream>>>(kp);
+  TORCHJAC_LAUNCH(plan.grid, kThreads, plan.smem_bytes, stream, mlp_backward_kernel<T, WIDTH>)(kp);
   return cudaGetLastError();
 }
 
@@ -894,17 +760,17 @@ cudaError_t launch_typed(const MlpBackwardArgs& args, const Plan& plan, cudaStre
     offset += kp.k;
   } while (offset < plan.total_tangents);
 
-  reduce_partials_kernel<T><<<reduce_blocks(partial_offset, plan), kReduceThreads, 0, stream>>>(rp);
+  TORCHJAC_LAUNCH(reduce_blocks(partial_offset, plan), kReduceThreads, 0, stream, reduce_partials_kernel<T>)(rp);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   if (plan.cond_broadcast) {
     const int64_t rows = a.num_cond_rows;
     T* target = plan.cond_chunks > 1 ? cond_partials : static_cast<T*>(args.grad_cond);
-    cond_partial_kernel<T><<<reduce_blocks(rows * plan.cond_chunks * c, plan), kReduceThreads, 0, stream>>>(
+    TORCHJAC_LAUNCH(reduce_blocks(rows * plan.cond_chunks * c, plan), kReduceThreads, 0, stream, cond_partial_kernel<T>)(
         cond_points, rows, static_cast<int>(c), plan.cond_groups, plan.cond_chunk, plan.cond_chunks, target);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     if (plan.cond_chunks > 1) {
-      cond_sum_chunks_kernel<T><<<reduce_blocks(rows * c, plan), kReduceThreads, 0, stream>>>(
+      TORCHJAC_LAUNCH(reduce_blocks(rows * c, plan), kReduceThreads, 0, stream, cond_sum_chunks_kernel<T>)(
           cond_partials, rows, static_cast<int>(c), plan.cond_chunks, static_cast<T*>(args.grad_cond));
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
@@ -925,21 +791,10 @@ cudaError_t zero_gradients(const MlpBackwardArgs& args, const Plan& plan, cudaSt
 
 }  // namespace
 
-const char* mlp_backward_unsupported_reason(const MlpBackwardArgs& args, int device) {
-  return make_plan(args, device).problem;
-}
+MlpBackwardPlan mlp_backward_plan(const MlpBackwardArgs& args, int device) { return make_plan(args, device); }
 
-size_t mlp_backward_workspace_bytes(const MlpBackwardArgs& args, int device) {
-  const Plan plan = make_plan(args, device);
-  return plan.problem == nullptr ? plan.workspace_bytes() : 0;
-}
-
-cudaError_t mlp_backward_launch(const MlpBackwardArgs& args, cudaStream_t stream) {
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const Plan plan = make_plan(args, device);
-  if (plan.problem != nullptr) return cudaErrorNotSupported;
+cudaError_t mlp_backward_launch(const MlpBackwardArgs& args, const MlpBackwardPlan& plan, cudaStream_t stream) {
+  if (plan.unsupported_reason != nullptr) return cudaErrorNotSupported;
   if (args.forward.num_points == 0) return zero_gradients(args, plan, stream);
   if (args.workspace == nullptr && plan.workspace_bytes() > 0) return cudaErrorInvalidValue;
   return args.forward.dtype == ScalarKind::kFloat64 ? launch_typed<double>(args, plan, stream)

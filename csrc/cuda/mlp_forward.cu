@@ -6,8 +6,13 @@
 
 #include <algorithm>
 #include <climits>
+#include <array>
 
 #include "activations.cuh"
+#include "launch.cuh"
+#include "non_finite.cuh"
+#include "device_setup.cuh"
+#include "mainloop.cuh"
 
 #if defined(__USE_FAST_MATH__)
 #error "csrc/cuda/mlp_forward.cu must be built without --use_fast_math: fast expf/sinf and approximate division break float32 accuracy"
@@ -17,9 +22,8 @@ namespace torchjac {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kChunk = 32;          // weight columns staged per step
-constexpr int kLdw = kChunk + 1;    // odd row stride: conflict-free smem reads
+using mainloop::kLdw;
+using mainloop::kThreads;
 // Cond projections are precomputed when each cond row serves this many points.
 constexpr int64_t kCondShareFactor = 8;
 constexpr int kTemplateWidths[] = {16, 32, 64, 128, 256};
@@ -35,7 +39,7 @@ struct Tiling {
   static constexpr int kRowsPerThread = WIDTH == 16 ? 2 : 4;
   static constexpr int kRows = kRowThreads * kRowsPerThread;
   // The last layer (d_out <= 16 outputs) is computed as (row, output) pairs.
-  static constexpr int kNarrowPerThread = kRows * kMaxInOut / kThreads;
+  static constexpr int kPairsPerThread = kRows * kMaxInOut / kThreads;
   static_assert(WIDTH % kOutPerThread == 0 && kThreads % kColThreads == 0, "bad width");
   static_assert(kRows >= kMaxTangentsPerPass + 1, "a tile must hold one point with all its tangents");
 };
@@ -111,102 +115,12 @@ __device__ void load_inputs(const KernelParams<T>& p, T* tile, const int64_t* co
   }
 }
 
-// Stages weight columns [k0, k0 + len) of rows [0, rows) into ws; rows past
-// the layer's outputs become zeros so the register tile needs no guards.
-template <typename T>
-__device__ void load_weight_chunk(const LayerParams<T>& L, T* ws, int rows, int k0, int len) {
-  for (int e = threadIdx.x; e < rows * kChunk; e += kThreads) {
-    const int o = e / kChunk;
-    const int c = e - o * kChunk;
-    T v = T(0);
-    if (o < L.out && c < len) v = __ldg(L.weight + o * L.ldw + k0 + c);
-    ws[o * kLdw + c] = v;
-  }
-}
-
-// z = W * tile_row for every row and every output o < L.out (<= WIDTH),
-// written over the tile's columns [0, L.out).
-template <typename T, int WIDTH>
-__device__ void wide_layer(const LayerParams<T>& L, T* tile, T* ws, int lda) {
-  using Tl = Tiling<WIDTH>;
-  constexpr int RA = Tl::kRowsPerThread, OB = Tl::kOutPerThread;
-  constexpr int TR = Tl::kRowThreads, TO = Tl::kColThreads;
-  const int to = threadIdx.x % TO;
-  const int tr = threadIdx.x / TO;
-  const T* a_row = tile + tr * lda + L.col0;
-  const T* w_row = ws + to * kLdw;
-
-  T acc[RA][OB];
-#pragma unroll
-  for (int i = 0; i < RA; ++i)
-#pragma unroll
-    for (int j = 0; j < OB; ++j) acc[i][j] = T(0);
-
-  for (int k0 = 0; k0 < L.in_cols; k0 += kChunk) {
-    const int len = min(kChunk, L.in_cols - k0);
-    if (k0 > 0) __syncthreads();  // everyone is done with the previous chunk
-    load_weight_chunk(L, ws, WIDTH, k0, len);
-    __syncthreads();
-#pragma unroll 4
-    for (int kk = 0; kk < len; ++kk) {
-      T a[RA], w[OB];
-#pragma unroll
-      for (int i = 0; i < RA; ++i) a[i] = a_row[i * TR * lda + k0 + kk];
-#pragma unroll
-      for (int j = 0; j < OB; ++j) w[j] = w_row[j * TO * kLdw + kk];
-#pragma unroll
-      for (int i = 0; i < RA; ++i)
-#pragma unroll
-        for (int j = 0; j < OB; ++j) acc[i][j] += a[i] * w[j];
-    }
-  }
-  __syncthreads();  // outputs overwrite columns other threads may still read
-#pragma unroll
-  for (int i = 0; i < RA; ++i)
-#pragma unroll
-    for (int j = 0; j < OB; ++j) {
-      const int o = to + j * TO;
-      if (o < L.out) tile[(tr + i * TR) * lda + o] = acc[i][j];
-    }
-}
-
-// The last layer: few outputs, so each thread takes (row, output) pairs.
-template <typename T, int WIDTH>
-__device__ void narrow_layer(const LayerParams<T>& L, T* tile, T* ws, int lda, int active_rows) {
-  constexpr int NP = Tiling<WIDTH>::kNarrowPerThread;
-  int row[NP], col[NP];
-  T acc[NP];
-#pragma unroll
-  for (int q = 0; q < NP; ++q) {
-    const int e = threadIdx.x + q * kThreads;
-    row[q] = e / L.out;
-    col[q] = e - row[q] * L.out;
-    acc[q] = T(0);
-  }
-  for (int k0 = 0; k0 < L.in_cols; k0 += kChunk) {
-    const int len = min(kChunk, L.in_cols - k0);
-    if (k0 > 0) __syncthreads();
-    load_weight_chunk(L, ws, L.out, k0, len);
-    __syncthreads();
-#pragma unroll
-    for (int q = 0; q < NP; ++q) {
-      if (row[q] < active_rows) {
-        const T* a = tile + row[q] * lda + L.col0 + k0;
-        const T* w = ws + col[q] * kLdw;
-        for (int kk = 0; kk < len; ++kk) acc[q] += a[kk] * w[kk];
-      }
-    }
-  }
-  __syncthreads();
-#pragma unroll
-  for (int q = 0; q < NP; ++q)
-    if (row[q] < active_rows) tile[row[q] * lda + col[q]] = acc[q];
-}
-
 // h <- act(z + b [+ W_c cond]); t <- act'(z) * t, for the tile's valid points.
+// For the first layer (first != null) the slope carries the non-finite rule:
+// the point's x and cond are in its h row's input columns, or cond in global memory when projected.
 template <typename T>
 __device__ void activate(const LayerParams<T>& L, T* tile, const int64_t* cond_row, int lda, int npts,
-                         int kp1) {
+                         int kp1, const KernelParams<T>* first) {
   for (int e = threadIdx.x; e < npts * L.out; e += kThreads) {
     const int pt = e / L.out;
     const int o = e - pt * L.out;
@@ -214,8 +128,15 @@ __device__ void activate(const LayerParams<T>& L, T* tile, const int64_t* cond_r
     T z = *h + __ldg(L.bias + o);
     if (L.cond_proj != nullptr) z += __ldg(L.cond_proj + cond_row[pt] * L.out + o);
     const act::Derivatives<T> d = act::evaluate(L.act, L.p0, L.p1, z);
+    T slope = d.d1;
+    if (first != nullptr) {
+      slope += non_finite_sum(h - o + first->x_col, first->d_in + first->cond_in_kernel);
+      if (first->cond_in_kernel == 0 && first->cond_dim > 0) {
+        slope += non_finite_sum(first->cond + cond_row[pt] * first->cond_dim, first->cond_dim);
+      }
+    }
     *h = d.value;
-    for (int s = 1; s < kp1; ++s) h[s * lda] *= d.d1;
+    for (int s = 1; s < kp1; ++s) h[s * lda] *= slope;
   }
 }
 
@@ -284,7 +205,7 @@ __device__ void store_outputs(const KernelParams<T>& p, const T* tile, int64_t f
 template <typename T, int WIDTH>
 __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) mlp_forward_kernel(const __grid_constant__ KernelParams<T> p) {
   using Tl = Tiling<WIDTH>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  TORCHJAC_DYNAMIC_SMEM(smem);
   int64_t* cond_row = reinterpret_cast<int64_t*>(smem);
   T* tile = reinterpret_cast<T*>(cond_row + Tl::kRows);
   T* ws = tile + Tl::kRows * p.lda;
@@ -303,13 +224,15 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) mlp_forward_
     __syncthreads();
     for (int l = 0; l < p.num_layers; ++l) {
       const LayerParams<T>& L = p.layers[l];
+      // z = W * row over the layer's input columns, into columns [0, L.out) of the same rows.
       if (l + 1 < p.num_layers) {
-        wide_layer<T, WIDTH>(L, tile, ws, p.lda);
-      } else {
-        narrow_layer<T, WIDTH>(L, tile, ws, p.lda, npts * kp1);
+        mainloop::wide_gemm<T, Tl, true>(tile, p.lda, L.col0, L.in_cols, L.weight, L.ldw, L.out, ws, Tl::kRows, tile);
+      } else {  // the last layer has few outputs: (row, output) pairs
+        mainloop::pair_gemm<T, Tl, true>(tile, p.lda, L.col0, L.in_cols, L.weight, L.ldw, L.out, ws, npts * kp1,
+                                     mainloop::StoreRows<T>{tile, p.lda});
       }
       __syncthreads();
-      activate(L, tile, cond_row, p.lda, npts, kp1);
+      activate(L, tile, cond_row, p.lda, npts, kp1, l == 0 ? &p : nullptr);
       __syncthreads();
     }
     store_outputs(p, tile, first, npts, kp1);
@@ -351,28 +274,26 @@ int tile_rows(int width) {
 
 size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-// Everything about a launch that follows from the arguments alone.
-struct Plan {
-  const char* problem = nullptr;  // why the kernels do not cover the arguments
-  int width = 0;                  // template width
-  int hidden = 0;                 // H, 0 for a single layer
-  int x_col = 0;
-  int cond_in_kernel = 0;
-  bool project_cond = false;
-  int lda = 0;
-  int rows = 0;
-  bool skip[kMaxLayers] = {};
-  size_t elem = 0;
-  size_t smem_bytes = 0;
-  size_t workspace_bytes = 0;
+// The kernels whose shared memory limit device_setup raises.
+struct ForwardKernels {
+  template <typename T, int WIDTH>
+  static const void* k() {
+    return reinterpret_cast<const void*>(&mlp_forward_kernel<T, WIDTH>);
+  }
+  static std::array<const void*, 10> list() {
+    return {k<float, 16>(), k<float, 32>(), k<float, 64>(), k<float, 128>(), k<float, 256>(),
+            k<double, 16>(), k<double, 32>(), k<double, 64>(), k<double, 128>(), k<double, 256>()};
+  }
 };
+
+using Plan = MlpForwardPlan;
 
 bool reads_input(const Plan& plan, int64_t layer) { return layer == 0 || plan.skip[layer]; }
 
 Plan make_plan(const MlpForwardArgs& a) {
   Plan plan;
   auto fail = [&](const char* why) {
-    plan.problem = why;
+    plan.unsupported_reason = why;
     return plan;
   };
   if (a.dtype != ScalarKind::kFloat32 && a.dtype != ScalarKind::kFloat64) return fail("the dtype is not float32 or float64");
@@ -433,16 +354,11 @@ Plan make_plan(const MlpForwardArgs& a) {
 
 template <typename T, int WIDTH>
 cudaError_t launch_width(const KernelParams<T>& kp, const Plan& plan, cudaStream_t stream) {
-  auto kernel = mlp_forward_kernel<T, WIDTH>;
-  if (plan.smem_bytes > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(plan.smem_bytes));
-    if (err != cudaSuccess) return err;
-  }
+  auto kernel = mlp_forward_kernel<T, WIDTH>;  // its shared memory limit is raised by device_setup
   const int per_tile = plan.rows / (kp.k + 1);
   const int64_t tiles = (kp.num_points + per_tile - 1) / per_tile;
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, INT_MAX));
-  kernel<<<grid, kThreads, plan.smem_bytes, stream>>>(kp);
+  TORCHJAC_LAUNCH(grid, kThreads, plan.smem_bytes, stream, kernel)(kp);
   return cudaGetLastError();
 }
 
@@ -498,7 +414,7 @@ cudaError_t launch_typed(const MlpForwardArgs& a, const Plan& plan, cudaStream_t
       workspace += align_up(a.num_cond_rows * lp.out * plan.elem);
       const int64_t total = a.num_cond_rows * lp.out;
       const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 65535));
-      cond_projection_kernel<T><<<blocks, 256, 0, stream>>>(kp.cond, a.num_cond_rows, kp.cond_dim, lp.weight,
+      TORCHJAC_LAUNCH(blocks, 256, 0, stream, cond_projection_kernel<T>)(kp.cond, a.num_cond_rows, kp.cond_dim, lp.weight,
                                                              lp.ldw, hidden_cols + a.d_in, lp.out, proj);
       cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
@@ -526,30 +442,21 @@ cudaError_t launch_typed(const MlpForwardArgs& a, const Plan& plan, cudaStream_t
 
 }  // namespace
 
-const char* mlp_forward_unsupported_reason(const MlpForwardArgs& args, int device) {
-  const Plan plan = make_plan(args);
-  if (plan.problem != nullptr) return plan.problem;
-  int max_smem = 0;
-  if (cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    cudaGetLastError();  // clear the error we caused
-    return "the device's shared memory size could not be queried";
+MlpForwardPlan mlp_forward_plan(const MlpForwardArgs& args, int device) {
+  MlpForwardPlan plan = make_plan(args);
+  if (plan.unsupported_reason != nullptr) return plan;
+  const DeviceSetup& setup = device_setup<ForwardKernels>(device);
+  if (setup.error != cudaSuccess) {
+    plan.unsupported_reason = "the device's shared memory size could not be queried or set";
+  } else if (plan.smem_bytes > static_cast<size_t>(setup.max_smem_optin)) {
+    plan.unsupported_reason = "the tile does not fit in shared memory (too many cond columns)";
   }
-  if (plan.smem_bytes > static_cast<size_t>(max_smem)) return "the tile does not fit in shared memory (too many cond columns)";
-  return nullptr;
+  return plan;
 }
 
-size_t mlp_forward_workspace_bytes(const MlpForwardArgs& args) {
-  const Plan plan = make_plan(args);
-  return plan.problem == nullptr ? plan.workspace_bytes : 0;
-}
-
-cudaError_t mlp_forward_launch(const MlpForwardArgs& args, cudaStream_t stream) {
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (mlp_forward_unsupported_reason(args, device) != nullptr) return cudaErrorNotSupported;
+cudaError_t mlp_forward_launch(const MlpForwardArgs& args, const MlpForwardPlan& plan, cudaStream_t stream) {
+  if (plan.unsupported_reason != nullptr) return cudaErrorNotSupported;
   if (args.num_points == 0) return cudaSuccess;
-  const Plan plan = make_plan(args);
   if (args.workspace == nullptr && plan.workspace_bytes > 0) return cudaErrorInvalidValue;
   return args.dtype == ScalarKind::kFloat64 ? launch_typed<double>(args, plan, stream)
                                             : launch_typed<float>(args, plan, stream);

@@ -19,7 +19,7 @@
 // Coverage: float32 and float64; d_in, d_out <= 16; hidden layers all of one
 // width H <= 256 (run by the smallest template width in {16,32,64,128,256}
 // that holds H); up to kMaxLayers layers; the tile must fit the device's
-// shared memory. Anything else is reported by mlp_forward_unsupported_reason.
+// shared memory. Anything else is reported by mlp_forward_plan.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -90,28 +90,49 @@ struct MlpForwardArgs {
   void* y = nullptr;    // (num_points, d_out)
   void* out = nullptr;  // see the modes above
 
-  // Device scratch of mlp_forward_workspace_bytes(args) bytes (may be null if 0).
+  // Device scratch of the plan's workspace_bytes (may be null if 0).
   void* workspace = nullptr;
 };
 
-// Null when the fused kernels cover `args` on `device`, else a short reason
-// (a string literal) to show in the fallback warning. Shapes must already be
-// consistent (the glue checks them); inconsistent ones are reported too.
-const char* mlp_forward_unsupported_reason(const MlpForwardArgs& args, int device);
+// Everything about a launch that follows from the arguments and the device.
+// mlp_forward_plan computes it once per call; it only reads the arguments and
+// the device's properties. (The first plan on a device also raises the kernels'
+// shared memory limit there, once: see device_setup in mlp_forward.cu.)
+struct MlpForwardPlan {
+  // Null when the fused kernels cover the call, else a short reason (a string
+  // literal) for the fallback warning.
+  const char* unsupported_reason = nullptr;
+  // Scratch the launch needs: the cond projections W_c * cond of every layer
+  // that reads cond, when cond is shared by many points (computed once per cond
+  // row instead of once per point).
+  size_t workspace_bytes = 0;
 
-inline bool mlp_forward_supported(const MlpForwardArgs& args, int device) {
-  return mlp_forward_unsupported_reason(args, device) == nullptr;
+  // Launch details.
+  int width = 0;   // template width
+  int hidden = 0;  // H, 0 for a single layer
+  int x_col = 0;
+  int cond_in_kernel = 0;
+  bool project_cond = false;
+  int lda = 0;
+  int rows = 0;
+  bool skip[kMaxLayers] = {};
+  size_t elem = 0;
+  size_t smem_bytes = 0;
+};
+
+// Shapes must already be consistent (the glue checks them); inconsistent ones
+// are reported as unsupported too.
+MlpForwardPlan mlp_forward_plan(const MlpForwardArgs& args, int device);
+
+inline const char* mlp_forward_unsupported_reason(const MlpForwardArgs& args, int device) {
+  return mlp_forward_plan(args, device).unsupported_reason;
 }
 
-// Scratch the launch needs: the cond projections W_c * cond of every layer
-// that reads cond, when cond is shared by many points (computed once per cond
-// row instead of once per point).
-size_t mlp_forward_workspace_bytes(const MlpForwardArgs& args);
-
-// Enqueues the forward on `stream` (no synchronisation). Returns
-// cudaErrorNotSupported when mlp_forward_supported is false, otherwise the
-// launch status. num_points == 0 enqueues nothing.
-cudaError_t mlp_forward_launch(const MlpForwardArgs& args, cudaStream_t stream);
+// Enqueues the forward on `stream` (no synchronisation), with `plan` from
+// mlp_forward_plan(args, current device). Returns cudaErrorNotSupported when
+// the plan has an unsupported_reason, otherwise the launch status.
+// num_points == 0 enqueues nothing.
+cudaError_t mlp_forward_launch(const MlpForwardArgs& args, const MlpForwardPlan& plan, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace torchjac

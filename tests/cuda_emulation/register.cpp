@@ -1,0 +1,252 @@
+// The torch side of the CUDA emulation.
+//
+// The real glue (csrc/cuda/*_glue.cpp), compiled with TORCHJAC_CUDA_EMULATION,
+// registers the emulated kernels as CPU kernels of torchjac_emu::<op>, whose
+// schemas are csrc/ops.cpp's. torchjac_emu::redirect(True) then makes them the
+// CPU kernels of torchjac::<op> as well, behind a wrapper that runs every call
+// under several schedules and requires bitwise equal results. This file also
+// holds the emulator's controls and the kernels of its own checks.
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "activations.cuh"
+#include "launch.cuh"
+#include "runtime.h"
+
+namespace {
+
+const char* const kOps[] = {"mlp_jacobian",          "mlp_divergence",          "mlp_jvp",
+                            "mlp_hutchinson",        "mlp_jacobian_backward",   "mlp_divergence_backward",
+                            "mlp_jvp_backward",      "mlp_hutchinson_backward"};
+
+int num_schedules = 2;
+
+bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes() || a.strides() != b.strides() || a.scalar_type() != b.scalar_type()) return false;
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  return ac.nbytes() == 0 || std::memcmp(ac.data_ptr(), bc.data_ptr(), ac.nbytes()) == 0;
+}
+
+std::vector<at::Tensor> tensors_of(const c10::IValue& v) {
+  if (v.isTensor()) return {v.toTensor()};
+  if (v.isTensorList()) return v.toTensorVector();
+  TORCH_CHECK(false, "cuda emulation: unexpected output type ", v.tagKind());
+}
+
+void check_equal(const std::string& op, int schedule, const std::vector<c10::IValue>& first,
+                 const std::vector<c10::IValue>& other) {
+  TORCH_CHECK(first.size() == other.size(), "cuda emulation: ", op, " returned a different number of outputs");
+  for (size_t i = 0; i < first.size(); ++i) {
+    const auto a = tensors_of(first[i]), b = tensors_of(other[i]);
+    TORCH_CHECK(a.size() == b.size(), "cuda emulation: ", op, " output ", i, " differs in length between schedules");
+    for (size_t j = 0; j < a.size(); ++j) {
+      TORCH_CHECK(bitwise_equal(a[j], b[j]), "cuda emulation: ", op, " output ", i, "[", j,
+                  "] differs between schedule 0 (forward order) and schedule ", schedule,
+                  ": a race between threads or blocks");
+    }
+  }
+}
+
+// Deterministic mode makes at::empty fill new float tensors with NaN (integers
+// with their maximum), so that any output element a kernel fails to write shows.
+struct NanFilledOutputs {
+  bool det, warn_only, fill;
+  NanFilledOutputs() {
+    auto& ctx = at::globalContext();
+    det = ctx.deterministicAlgorithms();
+    warn_only = ctx.deterministicAlgorithmsWarnOnly();
+    fill = ctx.deterministicFillUninitializedMemory();
+    ctx.setDeterministicAlgorithms(true, /*warn_only=*/true);
+    ctx.setDeterministicFillUninitializedMemory(true);
+  }
+  ~NanFilledOutputs() {
+    auto& ctx = at::globalContext();
+    ctx.setDeterministicAlgorithms(det, warn_only);
+    ctx.setDeterministicFillUninitializedMemory(fill);
+    cuda_emu::set_schedule(cuda_emu::Schedule::kForward);
+  }
+};
+
+void run_under_schedules(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const std::string name = op.schema().name();
+  const std::string emu_name = "torchjac_emu::" + name.substr(name.find("::") + 2);
+  static std::mutex handles_mutex;
+  c10::OperatorHandle emu = [&] {
+    std::lock_guard<std::mutex> lock(handles_mutex);
+    return c10::Dispatcher::singleton().findSchemaOrThrow(emu_name.c_str(), "");
+  }();
+  const size_t nargs = op.schema().arguments().size();
+  const std::vector<c10::IValue> args(stack->end() - nargs, stack->end());
+  torch::jit::drop(*stack, nargs);
+  std::vector<c10::IValue> first;
+  {
+    NanFilledOutputs nan_filled;
+    for (int s = 0; s < num_schedules; ++s) {
+      torch::jit::Stack run(args.begin(), args.end());
+      cuda_emu::set_schedule(static_cast<cuda_emu::Schedule>(s), /*seed=*/12345);
+      emu.callBoxed(&run);
+      if (s == 0) {
+        first = std::move(run);
+      } else {
+        check_equal(name, s, first, run);
+      }
+    }
+  }
+  for (c10::IValue& v : first) stack->push_back(std::move(v));
+}
+
+std::mutex redirect_mutex;
+std::unique_ptr<torch::Library> redirect_library;
+
+void redirect(bool on) {
+  std::lock_guard<std::mutex> lock(redirect_mutex);
+  if (on && !redirect_library) {
+    redirect_library =
+        std::make_unique<torch::Library>(torch::Library::IMPL, "torchjac", c10::DispatchKey::CPU, __FILE__, __LINE__);
+    for (const char* op : kOps) redirect_library->impl(op, torch::CppFunction::makeFromBoxedFunction<&run_under_schedules>());
+  } else if (!on) {
+    redirect_library.reset();
+  }
+}
+
+void set_schedules(int64_t n) {
+  TORCH_CHECK(n >= 2 && n <= 3, "cuda emulation: schedules: expected 2 or 3, got ", n);
+  num_schedules = static_cast<int>(n);
+}
+
+// Value, first and second derivative of activations.cuh on the host, element-wise.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> activation(int64_t code, double p0, double p1, const at::Tensor& z) {
+  const at::Tensor zc = z.contiguous();
+  at::Tensor value = at::empty_like(zc), d1 = at::empty_like(zc), d2 = at::empty_like(zc);
+  AT_DISPATCH_FLOATING_TYPES(zc.scalar_type(), "activation", [&] {
+    const scalar_t* in = zc.data_ptr<scalar_t>();
+    scalar_t *v = value.data_ptr<scalar_t>(), *g = d1.data_ptr<scalar_t>(), *h = d2.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < zc.numel(); ++i) {
+      const auto d = torchjac::act::evaluate<scalar_t>(static_cast<int>(code), static_cast<scalar_t>(p0),
+                                                        static_cast<scalar_t>(p1), in[i]);
+      v[i] = d.value;
+      g[i] = d.d1;
+      h[i] = d.d2;
+    }
+  });
+  return {value, d1, d2};
+}
+
+// ---------------------------------------------------------------------------
+// Kernels of the emulator's own checks (tests/test_cuda_emulation.py).
+
+__global__ void neighbour_kernel(float* out, int with_barrier) {
+  TORCHJAC_DYNAMIC_SMEM(smem);
+  float* s = reinterpret_cast<float*>(smem);
+  const int i = threadIdx.x;
+  s[i] = static_cast<float>(i);
+  if (with_barrier) __syncthreads();
+  out[i] = s[(i + 1) % blockDim.x];
+}
+
+__global__ void barrier_in_branch_kernel() {
+  if (threadIdx.x < 16) __syncthreads();
+}
+
+__global__ void two_barriers_kernel() {
+  if (threadIdx.x % 2) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+}
+
+__global__ void empty_kernel() {}
+__global__ void big_smem_kernel() {}
+
+// The message of a failed call, which is then cleared as cudaGetLastError would.
+std::string error_detail(cudaError_t err) {
+  cudaGetLastError();
+  return err == cudaSuccess ? std::string() : cuda_emu::last_error_detail();
+}
+
+// The result of one check, as text: the emulator's error message, "" for none,
+// or "equal"/"differ" for the schedule comparisons.
+std::string selftest(const std::string& name) {
+  cudaGetLastError();
+  const cudaStream_t stream = cuda_emu::current_stream();
+  if (name == "race_with_barrier" || name == "race_without_barrier") {
+    const int with_barrier = name == "race_with_barrier";
+    std::vector<float> forward(64), reverse(64);
+    cuda_emu::set_schedule(cuda_emu::Schedule::kForward);
+    TORCHJAC_LAUNCH(1, 64, 64 * sizeof(float), stream, neighbour_kernel)(forward.data(), with_barrier);
+    cuda_emu::set_schedule(cuda_emu::Schedule::kReverse);
+    TORCHJAC_LAUNCH(1, 64, 64 * sizeof(float), stream, neighbour_kernel)(reverse.data(), with_barrier);
+    cuda_emu::set_schedule(cuda_emu::Schedule::kForward);
+    TORCH_CHECK(cudaGetLastError() == cudaSuccess, cuda_emu::last_error_detail());
+    return std::memcmp(forward.data(), reverse.data(), 64 * sizeof(float)) == 0 ? "equal" : "differ";
+  }
+  if (name == "barrier_in_branch") {
+    TORCHJAC_LAUNCH(1, 64, 0, stream, barrier_in_branch_kernel)();
+    return "not reached";
+  }
+  if (name == "two_barriers") {
+    TORCHJAC_LAUNCH(1, 64, 0, stream, two_barriers_kernel)();
+    return "not reached";
+  }
+  if (name == "block_limit") {
+    TORCHJAC_LAUNCH(1, 1025, 0, stream, empty_kernel)();
+    return error_detail(cudaGetLastError());
+  }
+  if (name == "grid_limit") {
+    TORCHJAC_LAUNCH(dim3(1, 65536), 32, 0, stream, empty_kernel)();
+    return error_detail(cudaGetLastError());
+  }
+  if (name == "smem_without_attribute") {
+    TORCHJAC_LAUNCH(1, 32, 64 * 1024, stream, empty_kernel)();
+    return error_detail(cudaGetLastError());
+  }
+  if (name == "smem_with_attribute") {  // raises big_smem_kernel's limit on the current device to 100 KiB
+    cudaError_t err = cudaFuncSetAttribute(big_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 100 * 1024);
+    if (err != cudaSuccess) return error_detail(err);
+    TORCHJAC_LAUNCH(1, 32, 100 * 1024, stream, big_smem_kernel)();
+    return error_detail(cudaGetLastError());
+  }
+  if (name == "smem_above_attribute") {
+    TORCHJAC_LAUNCH(1, 32, 100 * 1024 + 1, stream, big_smem_kernel)();
+    return error_detail(cudaGetLastError());
+  }
+  if (name == "attribute_200k") {  // within an H100's opt-in limit, not an A100's
+    return error_detail(cudaFuncSetAttribute(big_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+  }
+  if (name == "wrong_stream") {
+    TORCHJAC_LAUNCH(1, 32, 0, nullptr, empty_kernel)();
+    return error_detail(cudaGetLastError());
+  }
+  if (name == "memset_wrong_stream") {
+    char byte = 0;
+    return error_detail(cudaMemsetAsync(&byte, 0, 1, nullptr));
+  }
+  TORCH_CHECK(false, "cuda emulation: no self-test named ", name);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(torchjac_emu, m) {
+  m.def("redirect(bool on) -> ()", &redirect);
+  m.def("set_schedules(int n) -> ()", &set_schedules);
+  m.def("set_device(int device) -> ()", [](int64_t d) { cuda_emu::set_device(static_cast<int>(d)); });
+  m.def("set_current_stream(int index) -> ()", [](int64_t s) { cuda_emu::set_current_stream(static_cast<int>(s)); });
+  m.def("stat(str name) -> int", [](std::string name) { return cuda_emu::stat(name); });
+  m.def("reset_stats() -> ()", &cuda_emu::reset_stats);
+  m.def("thread_backend() -> bool", &cuda_emu::thread_backend);
+  m.def("activation(int code, float p0, float p1, Tensor z) -> (Tensor value, Tensor d1, Tensor d2)", &activation);
+  m.def("selftest(str name) -> str", [](std::string name) { return selftest(name); });
+}
