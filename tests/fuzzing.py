@@ -139,6 +139,11 @@ def _sequential(case: Case, layers):
     if "tied_linear" in idioms:  # a later Linear of the same shape is an earlier one, used again
         by_shape = {}
         layers = [by_shape.setdefault(tuple(m.weight.shape), m) if isinstance(m, nn.Linear) else m for m in layers]
+    scaled = set()
+    for previous, m in zip(layers, layers[1:]):  # after the sharing: every Linear that follows a Sine
+        if isinstance(m, nn.Linear) and id(m) not in scaled:
+            scaled.add(id(m))
+            _siren_init(m, previous)
     if "layer_subclass" in idioms:  # the first Linear doubles its output
         first = layers[0]
         doubled = _DoubledLinear(first.in_features, first.out_features)
@@ -189,8 +194,6 @@ def build_model(case: Case) -> nn.Module:
     layers = []
     for i in range(len(sizes) - 1):
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i > 0:
-            _siren_init(layers[-1], case.activations[i - 1])
         if i < len(case.activations):
             layers.append(copy.deepcopy(case.activations[i]))
     if case.final_activation is not None:
