@@ -383,10 +383,11 @@ def lower(f, x: torch.Tensor, cond_features: int) -> MLPSpec:
     if is_point_mlp(f):
         return _from_point_mlp(f)
     if isinstance(f, nn.Sequential):
-        if _unsupported_in_chain(f) is None:
+        unsupported = _unsupported_in_chain(f)
+        if unsupported is None:
             return _from_sequential(f, d_in + cond_features, cond_features, x)
         if sequential_layout(f) == CHANNELS_FIRST:
-            raise NotFusable(_unsupported_in_chain(f))
+            raise NotFusable(unsupported)
         # Any other Sequential is called on cat([x, cond]) too: a recipe of one input, whose columns
         # are those of x and then cond.
         spec = from_recipe(f, _recipe(f, False), d_in + cond_features, 0)
