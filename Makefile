@@ -33,7 +33,9 @@ emulation-tsan:
 	  TSAN_OPTIONS="report_signal_unsafe=0" $(EMULATE) -x $(SANITIZED_SAMPLE)
 
 bench: setup
+	$(PYTHON) -m pip install --quiet matplotlib
 	$(PYTHON) bench/bench_cpu.py
+	$(PYTHON) bench/bench_models.py
 
 # The long fuzzing profile: 5000 random models against the autograd oracle (tests/fuzzing.py).
 fuzz: setup

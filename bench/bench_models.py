@@ -1,0 +1,483 @@
+"""CPU benchmark on published model shapes: torchjac against the code users of these models run today.
+
+Rows (float32, 2 threads by default; the models come from tests/zoo.py where it has them):
+
+  sdf       nn.Sequential 3-256x4-1, Softplus(beta=100), 16,384 points
+  igr       zoo.IGRImplicitNet 3-512x8-1, skip into layer 4, 4,096 points
+  siren     zoo.Siren 3-256x3-1 (its .net, since Siren.forward detaches the points), 16,384 points
+            each: the gradient (torchjac.jacobian against autograd.grad of f(x).sum()) and one eikonal
+            training step, loss = mean((|grad| - 1)^2) + mean(|f(x)|), against its create_graph version;
+  cnf       a CNF's dynamics forward(x, t) = net(cat([x, t.expand(x.shape[0], 1)], -1)), 3+1-256x3-3 Tanh,
+            16,384 points; the exact divergence against FFJORD's divergence_bf (one autograd.grad per
+            dimension) and the Hutchinson estimate (one shared Rademacher draw) against FFJORD's
+            e^T (dy/dx) e, then one training step of each, loss = mean(y^2) + mean(div);
+  cnf_ffjord the same dynamics with FFJORD's own idiom cat([ones_like(x[:, :1]) * t, x], 1);
+  pointnet  zoo.pointnet_shared_mlp((64, 128, 256)) in eval mode on (4, 3, 1024): the per-point
+            Jacobian against vmap(jacfwd), one torch.func.jvp per input dim and the autograd loop.
+
+Every method's output is checked against vmap(jacrev) of the float64 model, and every training step's
+parameter gradients against those of the create_graph baseline, in float64 on a small batch, before
+anything is timed. Each row is timed twice, quiet and with another process keeping one core busy (as
+on a shared machine); ratios are baseline time / torchjac time from the same run. The peak RSS increase
+of each method is measured in a fresh subprocess (quiet). The table says which path explain() reports
+for the model. A points sweep of the sdf row (time and peak memory per method) goes into the JSON and a
+log-log plot next to it (matplotlib, imported only to plot).
+
+    python bench/bench_models.py [--threads 2] [--rows sdf cnf ...] [--no-busy] [--no-memory]
+                                 [--points-sweep 1024 4096 16384 65536] [--out bench/out/models.json]
+    python bench/bench_models.py --quick   # tiny sizes, one repeat, no memory: about a minute
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+from typing import Callable, Dict, NamedTuple, Optional
+
+import torch
+from torch import nn
+from torch.func import jacfwd, jacrev, jvp, vmap
+
+import torchjac
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+from bench_cpu import _status_kb, check, timeit  # noqa: E402
+import zoo  # noqa: E402
+from ops_seen import ops_seen  # noqa: E402
+
+
+# ---- the models, as users write them where the zoo has none
+
+def sdf_mlp(width=256, depth=4, beta=100):
+    layers = [nn.Linear(3, width), nn.Softplus(beta)]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.Softplus(beta)]
+    return nn.Sequential(*layers, nn.Linear(width, 1))
+
+
+class ODEFunc(nn.Module):
+    """A CNF's dynamics on 3-d points: the time concatenated to the points."""
+
+    def __init__(self, d=3, width=256, depth=3, act=nn.Tanh):
+        super().__init__()
+        layers, c = [], d + 1
+        for _ in range(depth):
+            layers += [nn.Linear(c, width), act()]
+            c = width
+        self.net = nn.Sequential(*layers, nn.Linear(width, d))
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x, t.expand(x.shape[0], 1)], -1))
+
+
+class FFJORDODEFunc(ODEFunc):
+    """The same, with the time column built as FFJORD's ConcatLinear builds it."""
+
+    def forward(self, x, t):
+        return self.net(torch.cat([torch.ones_like(x[:, :1]) * t, x], 1))
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor
+    cond: Optional[torch.Tensor] = None   # the CNF's time, one column
+    noise: Optional[torch.Tensor] = None  # the Hutchinson estimator's Rademacher draw, shared by all methods
+
+
+# ---- SDF rows: the gradient and the eikonal step
+
+def autograd_sdf(f, x, create_graph=False):
+    x = x.detach().requires_grad_()
+    with torch.enable_grad():
+        y = f(x)
+        grad = torch.autograd.grad(y.sum(), x, create_graph=create_graph)[0]
+    return y, grad[:, None, :]
+
+
+def eikonal(y, jac):
+    return ((jac.norm(dim=-1) - 1) ** 2).mean() + y.abs().mean()
+
+
+# ---- CNF rows: FFJORD's divergence_bf and divergence_approx
+
+def divergence_bf(f, b, create_graph=False):
+    x = b.x.detach().requires_grad_()
+    with torch.enable_grad():
+        y = f(x, b.cond)
+        div = sum(torch.autograd.grad(y[:, i].sum(), x, create_graph=create_graph, retain_graph=True)[0][:, i]
+                  for i in range(x.shape[1]))
+    return y, div
+
+
+def divergence_approx(f, b, create_graph=False):
+    x = b.x.detach().requires_grad_()
+    with torch.enable_grad():
+        y = f(x, b.cond)
+        e_dydx = torch.autograd.grad(y, x, b.noise, create_graph=create_graph)[0]
+    return y, (e_dydx * b.noise).sum(-1)
+
+
+def cnf_loss(y, div):
+    return (y ** 2).mean() + div.mean()
+
+
+def hutchinson(J, b):
+    return torch.einsum("pi,pij,pj->p", b.noise, J, b.noise)
+
+
+# ---- PointNet row: per-point Jacobians of a channels-first (B, C, N) model
+
+def pointwise(f):
+    """f on one point (C,), as a batch of one (1, C, 1)."""
+    return lambda p: f(p[None, :, None])[0, :, 0]
+
+
+def per_point(jac, x):
+    """(B * N, C_out, C_in) -> (B, N, C_out, C_in), torchjac's layout."""
+    return jac.reshape(x.shape[0], x.shape[2], *jac.shape[1:])
+
+
+def pointnet_vmap_jacfwd(f, b):
+    return per_point(vmap(jacfwd(pointwise(f)))(b.x.movedim(1, -1).reshape(-1, b.x.shape[1])), b.x)
+
+
+def pointnet_jvp_per_input(f, b):
+    """Points do not interact, so one jvp with tangent e_j at every point gives column j of every J."""
+    columns = []
+    for j in range(b.x.shape[1]):
+        tangent = torch.zeros_like(b.x)
+        tangent[:, j] = 1
+        columns.append(jvp(f, (b.x,), (tangent,))[1])
+    return torch.stack(columns, -1).movedim(2, 1)   # (B, C_out, N, C_in) -> (B, N, C_out, C_in)
+
+
+def pointnet_autograd_loop(f, b):
+    x = b.x.detach().requires_grad_()
+    with torch.enable_grad():
+        y = f(x)
+        rows = [torch.autograd.grad(y[:, i].sum(), x, retain_graph=True)[0] for i in range(y.shape[1])]
+    return torch.stack(rows, 1).permute(0, 3, 1, 2)
+
+
+# ---- the rows
+
+@dataclasses.dataclass
+class Group:
+    """Methods that compute the same thing; the first is torchjac's, the others are the baselines."""
+    methods: Dict[str, Callable]        # name -> fn(f, batch): the output, or for a training step the loss
+    expected: Optional[Callable] = None  # (J64, batch64) -> the float64 output; None for a training step
+    reference: Optional[str] = None      # a training step's create_graph baseline, the gradients' reference
+
+    @property
+    def train(self):
+        return self.expected is None
+
+
+@dataclasses.dataclass
+class Row:
+    title: str
+    build: Callable       # () -> the model (float32, seeded)
+    points: int
+    groups: Dict[str, Group]
+    kind: str = "points"  # "points", "cnf" (cond = time, noise) or "channels_first" (B, 3, N)
+
+
+def sdf_groups():
+    return {
+        "gradient": Group({"torchjac": lambda f, b: torchjac.jacobian(f, b.x),
+                           "autograd_grad": lambda f, b: autograd_sdf(f, b.x)[1]},
+                          expected=lambda J, b: J),
+        "eikonal step": Group({"torchjac": lambda f, b: eikonal(*torchjac.jacobian(f, b.x, return_output=True)),
+                               "autograd_create_graph": lambda f, b: eikonal(*autograd_sdf(f, b.x, True))},
+                              reference="autograd_create_graph"),
+    }
+
+
+def cnf_groups():
+    def tj_exact(f, b):
+        return torchjac.divergence(f, b.x, cond=b.cond, return_output=True)
+
+    def tj_hutchinson(f, b):
+        return torchjac.divergence(f, b.x, cond=b.cond, estimator="hutchinson", noise=b.noise, return_output=True)
+
+    return {
+        "divergence": Group({"torchjac": lambda f, b: tj_exact(f, b)[1],
+                             "divergence_bf": lambda f, b: divergence_bf(f, b)[1]},
+                            expected=lambda J, b: J.diagonal(0, -2, -1).sum(-1)),
+        "hutchinson": Group({"torchjac": lambda f, b: tj_hutchinson(f, b)[1],
+                             "divergence_approx": lambda f, b: divergence_approx(f, b)[1]},
+                            expected=hutchinson),
+        "step exact": Group({"torchjac": lambda f, b: cnf_loss(*tj_exact(f, b)),
+                             "divergence_bf": lambda f, b: cnf_loss(*divergence_bf(f, b, True))},
+                            reference="divergence_bf"),
+        "step hutchinson": Group({"torchjac": lambda f, b: cnf_loss(*tj_hutchinson(f, b)),
+                                  "divergence_approx": lambda f, b: cnf_loss(*divergence_approx(f, b, True))},
+                                 reference="divergence_approx"),
+    }
+
+
+def pointnet():
+    m = zoo.pointnet_shared_mlp((64, 128, 256))
+    with torch.no_grad():  # trained-looking BatchNorm statistics
+        for bn in m:
+            if isinstance(bn, nn.BatchNorm1d):
+                bn.running_mean.normal_(0, 0.1)
+                bn.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+ROWS = {
+    "sdf": Row("3-256x4-1 Softplus(100), nn.Sequential", sdf_mlp, 16384, sdf_groups()),
+    "igr": Row("zoo.IGRImplicitNet 3-512x8-1, skip into layer 4",
+               lambda: zoo.IGRImplicitNet(dims=[512] * 8, skip_in=(4,)), 4096, sdf_groups()),
+    "siren": Row("zoo.Siren(3, 256, 3, 1).net", lambda: zoo.Siren(3, 256, 3, 1).net, 16384, sdf_groups()),
+    "cnf": Row("CNF dynamics 3+1-256x3-3 Tanh, t.expand(x.shape[0], 1)", ODEFunc, 16384, cnf_groups(), "cnf"),
+    "cnf_ffjord": Row("CNF dynamics 3+1-256x3-3 Tanh, ones_like(x[:, :1]) * t", FFJORDODEFunc, 16384,
+                      cnf_groups(), "cnf"),
+    "pointnet": Row("zoo.pointnet_shared_mlp((64, 128, 256)), eval, (4, 3, N)", pointnet, 4096,
+                    {"jacobian": Group({"torchjac": lambda f, b: torchjac.jacobian(f, b.x),
+                                        "vmap_jacfwd": pointnet_vmap_jacfwd,
+                                        "jvp_per_input": pointnet_jvp_per_input,
+                                        "autograd_loop": pointnet_autograd_loop},
+                                       expected=lambda J, b: J)},
+                    "channels_first"),
+}
+
+
+def build(row, dtype=torch.float32):
+    torch.manual_seed(0)
+    return row.build().to(dtype)
+
+
+def make_batch(row, points, dtype=torch.float32):
+    """The same points (drawn in float32) in either dtype."""
+    g = torch.Generator().manual_seed(1)
+    if row.kind == "channels_first":
+        return Batch(torch.randn(4, 3, max(1, points // 4), generator=g).to(dtype))
+    x = torch.randn(points, 3, generator=g).to(dtype)
+    if row.kind == "points":
+        return Batch(x)
+    noise = (torch.randint(0, 2, (points, 3), generator=g) * 2 - 1).to(dtype)
+    return Batch(x, torch.full((points, 1), 0.5, dtype=dtype), noise)
+
+
+def oracle_jacobian(f, b):
+    """vmap(jacrev) of the float64 model, each point called as a batch of one."""
+    if b.cond is not None:
+        return vmap(jacrev(lambda p, t: f(p[None], t[None])[0]), chunk_size=4096)(b.x, b.cond)
+    if b.x.dim() == 3:
+        return per_point(vmap(jacrev(pointwise(f)), chunk_size=256)(b.x.movedim(1, -1).reshape(-1, 3)), b.x)
+    return vmap(jacrev(lambda p: f(p[None])[0]), chunk_size=4096)(b.x)
+
+
+def explain(row_name):
+    """explain()'s path for the row's model, and whether a torchjac op actually ran."""
+    row = ROWS[row_name]
+    f, b = build(row), make_batch(row, 8)
+    why = torchjac.explain(f, cond=b.cond is not None)
+    with ops_seen() as seen, torch.no_grad():
+        next(iter(row.groups.values())).methods["torchjac"](f, b)
+    ran = "fused" if any(op.startswith("torchjac.") for op in seen) else "generic"
+    path = why.path if ran == why.path else f"{why.path}, but ran {ran}"
+    return {"path": path, "detail": why.detail}
+
+
+def check_training(row, points=64):
+    """Each training step's loss and parameter gradients in float64 against the create_graph baseline's."""
+    f, b = build(row, torch.float64), make_batch(row, points, torch.float64)
+    for gname, group in row.groups.items():
+        if not group.train:
+            continue
+        grads = {}
+        for name, fn in group.methods.items():
+            f.zero_grad(set_to_none=True)
+            loss = fn(f, b)
+            loss.backward()
+            grads[name] = [loss.detach()] + [p.grad.clone() for p in f.parameters()]
+        for name, got in grads.items():
+            for a, e in zip(got, grads[group.reference]):
+                err = ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+                if not err < 1e-8:
+                    raise SystemExit(f"{gname} / {name}: float64 loss or parameter gradient off by {err:.2e} "
+                                     f"from {group.reference}'s; not timing a wrong answer")
+
+
+def step(group, fn, f, b):
+    """One call as it is timed: a training step with its backward, or the derivative without autograd."""
+    if group.train:
+        f.zero_grad(set_to_none=True)
+        fn(f, b).backward()
+    else:
+        with torch.no_grad():
+            return fn(f, b)
+
+
+def measure(row, points, repeats):
+    """{group: {method: seconds}}, every derivative checked against the float64 oracle first."""
+    f, b = build(row), make_batch(row, points)
+    f64, b64 = build(row, torch.float64), make_batch(row, points, torch.float64)
+    J64 = None
+    out = {}
+    for gname, group in row.groups.items():
+        if not group.train:
+            J64 = oracle_jacobian(f64, b64).detach() if J64 is None else J64
+            expected = group.expected(J64, b64)
+            for name, fn in group.methods.items():
+                check(f"{gname} / {name}", step(group, fn, f, b).reshape(expected.shape), expected)
+        out[gname] = {name: timeit(lambda fn=fn: step(group, fn, f, b), repeats)
+                      for name, fn in group.methods.items()}
+    return out
+
+
+@contextlib.contextmanager
+def busy_core():
+    """Another process keeping one core busy, as on a shared machine."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def peak_rss_mb(row, group, method, points, threads):
+    """Peak RSS increase of one call, in a fresh process so earlier runs do not hide it."""
+    code = (f"import sys; sys.path.insert(0, {HERE!r}); import bench_models as b; "
+            f"b.measure_rss({row!r}, {group!r}, {method!r}, {points}, {threads})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def measure_rss(row_name, gname, method, points, threads):
+    """Prints the peak RSS above the RSS before the call, in MB (Linux: resets VmHWM first)."""
+    torch.set_num_threads(threads)
+    row = ROWS[row_name]
+    group = row.groups[gname]
+    f, b = build(row), make_batch(row, points)
+    step(group, group.methods[method], f, make_batch(row, 64))  # one-time allocations are not counted
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = _status_kb("VmRSS")
+    step(group, group.methods[method], f, b)
+    print((_status_kb("VmHWM") - before) / 1024)
+
+
+def memory(row_name, points, threads):
+    return {g: {m: peak_rss_mb(row_name, g, m, points, threads) for m in group.methods}
+            for g, group in ROWS[row_name].groups.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-busy", dest="busy", action="store_false", help="skip the runs beside a busy core")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-RSS subprocesses")
+    p.add_argument("--points-sweep", type=int, nargs="*", default=None,
+                   help="points for the sdf row's sweep (default 1024 4096 16384 65536); none to skip it")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat, no memory: a smoke test")
+    p.add_argument("--out", default="bench/out/models.json")
+    args = p.parse_args()
+    if args.quick:
+        args.repeats, args.memory = 1, False
+    if args.points_sweep is None:
+        args.points_sweep = [256, 1024] if args.quick else [1024, 4096, 16384, 65536]
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
+          f"float32; ratio = baseline ms / torchjac ms")
+    results = {"torch": torch.__version__, "threads": args.threads, "rows": {}, "sweep": {}}
+    for name in args.rows:
+        row = ROWS[name]
+        points = max(64, row.points // 32) if args.quick else row.points
+        check_training(row)
+        entry = {"title": row.title, "points": points, "explain": explain(name),
+                 "quiet": measure(row, points, args.repeats)}
+        if args.busy:
+            with busy_core():
+                entry["busy"] = measure(row, points, args.repeats)
+        if args.memory:
+            entry["peak_rss_mb"] = memory(name, points, args.threads)
+        results["rows"][name] = entry
+        report(name, entry)
+    if args.points_sweep:
+        results["sweep"]["sdf"] = sweep("sdf", args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(results, fh, indent=2)
+    png = os.path.splitext(args.out)[0] + ".png"
+    plot(results["sweep"], png)
+    print(f"wrote {args.out} and {png}")
+
+
+def sweep(name, args):
+    """{group: {method: {"points": [...], "seconds": [...], "peak_rss_mb": [...]}}} over args.points_sweep."""
+    out = {g: {m: {"points": [], "seconds": [], "peak_rss_mb": []} for m in group.methods}
+           for g, group in ROWS[name].groups.items()}
+    print(f"\n{name} points sweep")
+    for points in args.points_sweep:
+        seconds = measure(ROWS[name], points, args.repeats)
+        rss = memory(name, points, args.threads) if args.memory else None
+        for g, methods in out.items():
+            for m, series in methods.items():
+                series["points"].append(points)
+                series["seconds"].append(seconds[g][m])
+                if rss:
+                    series["peak_rss_mb"].append(rss[g][m])
+            print(f"  {points:>7} {g:<14} " + "  ".join(f"{m} {1e3 * seconds[g][m]:.1f} ms" for m in methods))
+    return out
+
+
+def report(name, entry):
+    why = entry["explain"]
+    print(f"\n{name}: {entry['title']}, {entry['points']} points\n  explain: {why['path']}: {why['detail'][:150]}")
+    print(f"  {'':<16} {'method':<22} {'ms':>9} {'ratio':>7} {'busy ms':>9} {'ratio':>7} {'peak MB':>8}")
+
+    def cols(times, m):
+        if not times:
+            return f"{'':9} {'':7}"
+        ratio = "" if m == "torchjac" else f"{times[m] / times['torchjac']:.2f}x"
+        return f"{1e3 * times[m]:9.1f} {ratio:>7}"
+
+    for g, quiet in entry["quiet"].items():
+        busy = entry.get("busy", {}).get(g)
+        for i, m in enumerate(quiet):
+            mem = entry.get("peak_rss_mb", {}).get(g, {}).get(m)
+            print(f"  {g if i == 0 else '':<16} {m:<22} {cols(quiet, m)} {cols(busy, m)} "
+                  f"{'' if mem is None else f'{mem:8.0f}'}")
+
+
+def plot(sweeps, path):
+    """Time and peak memory against points, per method, log-log: two panels per swept group."""
+    if not sweeps:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [(row, g, methods) for row, groups in sweeps.items() for g, methods in groups.items()]
+    fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.6 * len(panels)), squeeze=False)
+    for (row, g, methods), (ax_t, ax_m) in zip(panels, axes):
+        for m, s in methods.items():
+            ax_t.loglog(s["points"], [1e3 * t for t in s["seconds"]], "o-", label=m)
+            if s["peak_rss_mb"]:
+                ax_m.loglog(s["points"], [max(mb, 0.1) for mb in s["peak_rss_mb"]], "o-", label=m)
+        ax_t.set(title=f"{row} {g}: time", xlabel="points", ylabel="ms")
+        ax_m.set(title=f"{row} {g}: peak RSS increase", xlabel="points", ylabel="MB")
+        if not any(s["peak_rss_mb"] for s in methods.values()):
+            ax_m.text(0.5, 0.5, "not measured (--no-memory)", ha="center", va="center", transform=ax_m.transAxes)
+            ax_m.set(xticks=[], yticks=[])
+        for ax in (ax_t, ax_m):
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.lines:
+                ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
