@@ -6,6 +6,7 @@ Install with `pip install --no-build-isolation -e .` so the build uses the insta
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
@@ -18,10 +19,19 @@ def want_cuda():
     return cpp_extension.CUDA_HOME is not None and __import__("torch").version.cuda is not None
 
 
+def openmp_flags():
+    """Compile (never link) with OpenMP when torch's intra-op threads are OpenMP's, so at::parallel_for in
+    csrc/python/module.cpp runs on torch's own OpenMP runtime. Without it the chunks run one after another."""
+    import torch
+    if sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        return ["-fopenmp"]
+    return []
+
+
 def extension():
-    sources = sorted(glob.glob("csrc/*.cpp"))
-    define_macros = [("TORCHJAC_PYTHON_MODULE", None), ("Py_LIMITED_API", "0x03090000")]
-    cxx = ["-O3"]  # the C++ standard is torch's own choice for extensions
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/python/*.cpp"))
+    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    cxx = ["-O3"] + openmp_flags()  # the C++ standard is torch's own choice for extensions
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         define_macros.append(("TORCHJAC_WITH_CUDA", None))

@@ -2,6 +2,10 @@
 
 Rows (float32, 2 threads by default; the models come from tests/zoo.py where it has them):
 
+  deform    nn.Sequential 3-128x4-3 Softplus, 65,536 points: the per-point Jacobian against the
+            autograd loop (one autograd.grad per output) and vmap(jacrev), and one training step of the
+            Jacobian penalty mean ||J - I||^2 against the create_graph loop;
+
   sdf       nn.Sequential 3-256x4-1, Softplus(beta=100), 16,384 points
   igr       zoo.IGRImplicitNet 3-512x8-1, skip into layer 4, 4,096 points
   siren     zoo.Siren 3-256x3-1 (its .net, since Siren.forward detaches the points), 16,384 points
@@ -197,6 +201,42 @@ def sdf_groups():
     }
 
 
+def deformation_mlp(width=128, depth=4):
+    layers, n = [], 3
+    for _ in range(depth):
+        layers += [nn.Linear(n, width), nn.Softplus()]
+        n = width
+    return nn.Sequential(*layers, nn.Linear(n, 3))
+
+
+def autograd_jacobian_loop(f, x, create_graph=False):
+    """One autograd.grad per output component: what deformation-field code does today."""
+    x = x.detach().requires_grad_()
+    with torch.enable_grad():
+        y = f(x)
+        rows = [torch.autograd.grad(y[:, i].sum(), x, create_graph=create_graph, retain_graph=True)[0]
+                for i in range(y.shape[1])]
+    return torch.stack(rows, 1)
+
+
+def jacobian_penalty(jac):
+    """Nerfies-style regularizer on the deformation's Jacobian: ||J - I||^2."""
+    return ((jac - torch.eye(3, dtype=jac.dtype)) ** 2).sum(-1).sum(-1).mean()
+
+
+def deformation_groups():
+    return {
+        "jacobian": Group({"torchjac": lambda f, b: torchjac.jacobian(f, b.x),
+                           "autograd_loop": lambda f, b: autograd_jacobian_loop(f, b.x),
+                           "vmap_jacrev": lambda f, b: vmap(jacrev(f))(b.x)},
+                          expected=lambda J, b: J),
+        "train step": Group({"torchjac": lambda f, b: jacobian_penalty(torchjac.jacobian(f, b.x)),
+                             "autograd_create_graph":
+                                 lambda f, b: jacobian_penalty(autograd_jacobian_loop(f, b.x, True))},
+                            reference="autograd_create_graph"),
+    }
+
+
 def cnf_groups():
     def tj_exact(f, b):
         return torchjac.divergence(f, b.x, cond=b.cond, return_output=True)
@@ -231,6 +271,8 @@ def pointnet():
 
 
 ROWS = {
+    "deform": Row("3-128x4-3 Softplus deformation field, nn.Sequential", deformation_mlp, 65536,
+                  deformation_groups()),
     "sdf": Row("3-256x4-1 Softplus(100), nn.Sequential", sdf_mlp, 16384, sdf_groups()),
     "igr": Row("zoo.IGRImplicitNet 3-512x8-1, skip into layer 4",
                lambda: zoo.IGRImplicitNet(dims=[512] * 8, skip_in=(4,)), 4096, sdf_groups()),

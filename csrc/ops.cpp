@@ -17,13 +17,6 @@
 // gradients w.r.t. x, cond, weights, biases (and tangents for jvp).
 #include <torch/library.h>
 
-#ifdef TORCHJAC_PYTHON_MODULE
-#include <Python.h>
-// An empty Python module: importing torchjac._C runs the registrations below.
-static struct PyModuleDef torchjac_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&torchjac_module); }
-#endif
-
 #define TORCHJAC_MLP_ARGS                                                        \
   "Tensor x, Tensor cond, Tensor[] weights, Tensor[] biases, int[] activations, " \
   "float[] activation_params, int[] skip_layers"
@@ -46,15 +39,20 @@ TORCH_LIBRARY(TORCHJAC_OPS_NAMESPACE, m) {
   // noise (..., S, d_in) -> mean over s of e_s^T J e_s, shape (...). Noise is not differentiated.
   m.def("mlp_hutchinson(" TORCHJAC_MLP_ARGS ", Tensor noise) -> (Tensor y, Tensor div)");
 
+  // The same J from d_out cotangent rows carried back through the layers: cheaper when d_out < d_in.
+  m.def("mlp_jacobian_reverse(" TORCHJAC_MLP_ARGS ") -> (Tensor y, Tensor jac)");
+
   m.def("mlp_jacobian_backward(Tensor grad_y, Tensor grad_jac, " TORCHJAC_MLP_ARGS ") -> (" TORCHJAC_GRADS ")");
   m.def("mlp_divergence_backward(Tensor grad_y, Tensor grad_div, " TORCHJAC_MLP_ARGS ") -> (" TORCHJAC_GRADS ")");
+  m.def("mlp_jacobian_reverse_backward(Tensor grad_y, Tensor grad_jac, " TORCHJAC_MLP_ARGS ") -> (" TORCHJAC_GRADS
+        ")");
   m.def("mlp_jvp_backward(Tensor grad_y, Tensor grad_jvp, " TORCHJAC_MLP_ARGS
         ", Tensor tangents) -> (" TORCHJAC_GRADS ", Tensor grad_tangents)");
   m.def("mlp_hutchinson_backward(Tensor grad_y, Tensor grad_div, " TORCHJAC_MLP_ARGS
         ", Tensor noise) -> (" TORCHJAC_GRADS ")");
 
   // The pure-PyTorch path of any forward op above (mode: "jacobian", "divergence",
-  // "jvp", "hutchinson"; tangents holds the jvp tangents or the noise). Fused
+  // "jvp", "hutchinson", "jacobian_reverse"; tangents holds the jvp tangents or the noise). Fused
   // kernels call it for shapes their templates do not cover.
   m.def("mlp_reference_forward(str mode, " TORCHJAC_MLP_ARGS ", Tensor? tangents) -> (Tensor y, Tensor out)");
   // The pure-PyTorch path of any backward op above; grad_tangents is empty unless mode is "jvp".

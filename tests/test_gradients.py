@@ -31,10 +31,11 @@ def op_inputs(mode, activation, d_in=3, d_out=3, c=2, skip_layers=(2,), lead=(2,
     return x, cond, weights, biases, static, extra
 
 
-@pytest.mark.parametrize("mode", ["jacobian", "divergence", "jvp", "hutchinson"])
+@pytest.mark.parametrize("mode", ["jacobian", "divergence", "jvp", "hutchinson", "jacobian_reverse"])
 @pytest.mark.parametrize("name", SMOOTH)
 def test_gradcheck_and_gradgradcheck_ops(mode, name):
-    x, cond, weights, biases, static, extra = op_inputs(mode, ACTIVATIONS[name])
+    d_out = 2 if mode == "jacobian_reverse" else 3
+    x, cond, weights, biases, static, extra = op_inputs(mode, ACTIVATIONS[name], d_out=d_out)
     n = len(weights)
     op = getattr(torch.ops.torchjac, f"mlp_{mode}")
     differentiable_extra = extra if mode == "jvp" else []

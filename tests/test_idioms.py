@@ -72,7 +72,7 @@ def test_tied_linear_used_twice():
     x = _points(requires_grad=True)
     with ops_seen() as seen:
         _check_values(f, x.detach())
-    assert "torchjac.mlp_jacobian" in seen
+    assert seen & {"torchjac.mlp_jacobian", "torchjac.mlp_jacobian_reverse"}
     _check_training_grads(f, x)
 
 
@@ -140,7 +140,7 @@ def test_sequential_subclass_recognized_with_cond():
     x, cond = _points(), torch.randn(7, 2, dtype=F64)
     with ops_seen() as seen:
         _check_values(f, x, cond)
-    assert "torchjac.mlp_jacobian" in seen
+    assert seen & {"torchjac.mlp_jacobian", "torchjac.mlp_jacobian_reverse"}
 
 
 class DoubledLinear(nn.Linear):
@@ -547,6 +547,6 @@ def test_fused_output_is_the_model_output(name):
     assert torchjac.explain(f).path == "fused"
     with ops_seen() as seen:
         y, _ = torchjac.jacobian(f, x, cond=cond, return_output=True)
-    assert "torchjac.mlp_jacobian" in seen
+    assert seen & {"torchjac.mlp_jacobian", "torchjac.mlp_jacobian_reverse"}
     expected = f(x) if cond is None else f(torch.cat([x, cond], -1))
     torch.testing.assert_close(y, expected, rtol=1e-13, atol=1e-13)

@@ -7,7 +7,8 @@ from torchjac.spec import lower
 
 
 def sample_inputs(mode, lead=(2, 3), cond_lead=(2, 1), c=2, non_contiguous=False, requires_grad=True):
-    f = torchjac.PointMLP(3, [6, 5], 3, activation="softplus", cond_features=c, skip_layers=(2,)).double()
+    d_out = 1 if mode == "jacobian_reverse" else 3
+    f = torchjac.PointMLP(3, [6, 5], d_out, activation="softplus", cond_features=c, skip_layers=(2,)).double()
     x = torch.randn(*lead, 3, dtype=torch.float64)
     if non_contiguous:
         x = torch.randn(*reversed(lead), 3, dtype=torch.float64).transpose(0, 1)
@@ -35,14 +36,19 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("mode", ["jacobian", "divergence", "jvp", "hutchinson"])
+@pytest.mark.parametrize("mode", ["jacobian", "divergence", "jvp", "hutchinson", "jacobian_reverse"])
 def test_forward_op(mode, case):
     args = sample_inputs(mode, **CASES[case])
     torch.library.opcheck(getattr(torch.ops.torchjac, f"mlp_{mode}").default, args)
 
 
-@pytest.mark.parametrize("case", ["default", "empty", "non_contiguous"])
-@pytest.mark.parametrize("mode", ["jacobian", "divergence", "jvp", "hutchinson"])
+# Every mode on the default inputs; the layout cases on one mode of each direction and on jvp, whose
+# backward has one output more (opcheck of a backward op runs double backward: the slowest check here).
+BACKWARD_CASES = [(mode, "default") for mode in ("jacobian", "divergence", "jvp", "hutchinson", "jacobian_reverse")]
+BACKWARD_CASES += [(mode, case) for mode in ("jacobian", "jvp", "jacobian_reverse") for case in ("empty", "non_contiguous")]
+
+
+@pytest.mark.parametrize("mode,case", BACKWARD_CASES)
 def test_backward_op(mode, case):
     args = sample_inputs(mode, **CASES[case])
     y, out = getattr(torch.ops.torchjac, f"mlp_{mode}")(*args)
@@ -51,7 +57,7 @@ def test_backward_op(mode, case):
     torch.library.opcheck(getattr(torch.ops.torchjac, f"mlp_{mode}_backward").default, (grad_y, grad_out, *args))
 
 
-@pytest.mark.parametrize("mode", ["jacobian", "divergence", "jvp", "hutchinson"])
+@pytest.mark.parametrize("mode", ["jacobian", "divergence", "jvp", "hutchinson", "jacobian_reverse"])
 def test_reference_op(mode):
     args = list(sample_inputs(mode))
     tangents = args.pop() if mode in ("jvp", "hutchinson") else None
@@ -62,7 +68,7 @@ def test_reference_op(mode):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["jacobian", "jvp", "hutchinson"])
+@pytest.mark.parametrize("mode", ["jvp", "hutchinson", "jacobian_reverse"])
 def test_reference_backward_op(mode):
     args = list(sample_inputs(mode))
     tangents = args.pop() if mode in ("jvp", "hutchinson") else None

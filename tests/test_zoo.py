@@ -17,7 +17,8 @@ import zoo
 from conftest import assert_close64, autograd_jacobian, oracle_jacobian
 from ops_seen import ops_seen
 
-FUSED_OPS = {"torchjac.mlp_jacobian", "torchjac.mlp_divergence", "torchjac.mlp_jvp", "torchjac.mlp_hutchinson"}
+FUSED_OPS = {"torchjac.mlp_jacobian", "torchjac.mlp_jacobian_reverse", "torchjac.mlp_divergence", "torchjac.mlp_jvp",
+             "torchjac.mlp_hutchinson"}
 
 
 @dataclasses.dataclass

@@ -227,7 +227,13 @@ def jacobian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_
     ``x.shape[:-1]``; it is not differentiated in J but receives gradients when training.
     ``event_dims`` trailing dims of x form one point (then J has shape ``(*batch, *out_event, *in_event)``);
     ``chunk_size`` bounds how many basis vectors the generic path batches at once.
-    With ``return_output=True`` returns ``(f(x), J)`` from the same pass.
+    With ``return_output=True`` returns ``(f(x), J)`` from the same pass. For an ``nn.Sequential`` of
+    ``Conv1d(kernel_size=1)`` layers, x is channels-first ``(B, C_in, N)``, ``f(x)`` keeps that layout and J is
+    per point: ``(B, N, C_out, C_in)``.
+
+    The fused path takes the cheaper direction, for J and for its training backward: forward mode (``d_in``
+    tangents per point) when ``d_out >= d_in``, reverse mode (``d_out`` cotangents, as for an SDF's gradient)
+    when ``d_out < d_in``. The generic path chooses likewise. ``torchjac.explain(f)`` says which.
     """
     x, fused = _route("jacobian", f, x, cond, event_dims, chunk_size)
     if fused is None:
@@ -235,7 +241,8 @@ def jacobian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_
                           chunk_size)
         jac = _nan_at_non_finite_points(jac, x, cond, event_dims)
     else:
-        y, jac = torch.ops.torchjac.mlp_jacobian(*fused.args())
+        op = getattr(torch.ops.torchjac, f"mlp_{fused.spec.jacobian_mode}")
+        y, jac = op(*fused.args())
         y = fused.output(y)
     return (y, jac) if return_output else jac
 

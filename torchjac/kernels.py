@@ -4,20 +4,29 @@ They flatten the leading dims, map each point to its row of the broadcast
 ``cond``, and run the reference math over chunks of points small enough that
 the per-layer rows ``[h; t]`` of a chunk stay in cache. They run below autograd,
 so the reference math may write its buffers in place (``differentiable=False``).
+
+On the CPU the chunks run side by side, one per intra-op thread, in a single
+parallel region (``_C.parallel_chunks``, csrc/python/module.cpp); each chunk's
+ops are single-threaded. A loop of small multi-threaded ops would instead wait
+at every op's barrier for a thread the OS has descheduled, which on a machine
+whose cores other processes share cost 3x (bench/bench_models.py measures it).
+The workers flush subnormals to zero (csrc/python/module.cpp says why).
 """
 import math
 
 import torch
 
-from . import reference
+from . import _C, reference
 
 # Bytes of [h; t] rows per chunk; a few such buffers are live per layer, so this sits in L2.
 CHUNK_BYTES = 1 << 20
 
 
-def rows_per_chunk(n_tangents: int, weights, itemsize: int) -> int:
+def rows_per_chunk(mode: str, x: torch.Tensor, weights, tangents) -> int:
+    """Points per chunk: their value and tangent (or cotangent) rows fill CHUNK_BYTES at the widest layer."""
     width = max(w.shape[0] for w in weights)
-    return max(16, CHUNK_BYTES // ((1 + n_tangents) * width * itemsize))
+    rows = reference.rows_per_point(mode, x.shape[-1], weights[-1].shape[0], tangents)
+    return max(16, CHUNK_BYTES // (rows * width * x.element_size()))
 
 
 class FlatPoints:
@@ -36,8 +45,7 @@ class FlatPoints:
             self.group = groups.expand(self.lead).reshape(-1)
 
     def chunks(self, size: int):
-        for start in range(0, self.n, size):
-            yield slice(start, min(start + size, self.n))
+        return [slice(start, min(start + size, self.n)) for start in range(0, self.n, size)]
 
     def cond_rows(self, rows: slice) -> torch.Tensor:
         return self.cond[rows] if self.group is None else self.cond[self.group[rows]]
@@ -49,6 +57,39 @@ class FlatPoints:
             grad_cond.index_add_(0, self.group[rows], grad_rows)
 
 
+def run_chunks(x: torch.Tensor, chunks, fn):
+    """fn(rows, worker) for every chunk of rows; chunks with the same worker never run at the same time.
+
+    On the CPU the chunks are shared out among the intra-op threads, so fn must write only its own rows, or
+    accumulate into state of its own worker (worker < _C.max_workers()). Elsewhere they run in order (worker 0).
+    """
+    if x.device.type == "cpu":
+        _C.parallel_chunks(lambda i, worker: fn(chunks[i], worker), len(chunks))
+    else:
+        for rows in chunks:
+            fn(rows, 0)
+
+
+class WorkerSums:
+    """Sums of tensors shaped like `shapes`, one set per worker, added up once all chunks are done."""
+
+    def __init__(self, like: torch.Tensor, shapes):
+        self.like, self.shapes = like, [tuple(s) for s in shapes]
+        self.per_worker = {}
+
+    def __getitem__(self, worker: int):
+        if worker not in self.per_worker:  # dict insertion is atomic under the GIL
+            self.per_worker[worker] = [self.like.new_zeros(s) for s in self.shapes]
+        return self.per_worker[worker]
+
+    def total(self):
+        sums = [self.like.new_zeros(s) for s in self.shapes]  # contiguous, whatever the parameters' strides
+        for parts in self.per_worker.values():
+            for acc, part in zip(sums, parts):
+                acc += part
+        return sums
+
+
 def _flat_tangents(tangents, points: FlatPoints):
     if tangents is None:
         return None
@@ -56,7 +97,7 @@ def _flat_tangents(tangents, points: FlatPoints):
 
 
 def output_shape(mode: str, lead, d_in: int, d_out: int, tangents) -> tuple:
-    if mode == "jacobian":
+    if mode in ("jacobian", "jacobian_reverse"):
         return (*lead, d_out, d_in)
     if mode in ("divergence", "hutchinson"):
         return tuple(lead)
@@ -67,15 +108,15 @@ def forward(mode, x, cond, weights, biases, activations, activation_params, skip
     points = FlatPoints(x, cond)
     flat_tangents = _flat_tangents(tangents, points)
     d_in, d_out = x.shape[-1], weights[-1].shape[0]
-    k = d_in if tangents is None else tangents.shape[-2]
     y = x.new_empty(points.n, d_out)
     out = x.new_empty(output_shape(mode, (points.n,), d_in, d_out, tangents))
-    for rows in points.chunks(rows_per_chunk(k, weights, x.element_size())):
-        y_rows, out_rows = reference.forward(
+
+    def chunk(rows, worker):
+        y[rows], out[rows] = reference.forward(
             mode, points.x[rows], points.cond_rows(rows), weights, biases, activations, activation_params,
             skip_layers, None if flat_tangents is None else flat_tangents[rows], differentiable=False)
-        y[rows] = y_rows
-        out[rows] = out_rows
+
+    run_chunks(x, points.chunks(rows_per_chunk(mode, x, weights, tangents)), chunk)
     return y.view(*points.lead, d_out), out.view(output_shape(mode, points.lead, d_in, d_out, tangents))
 
 
@@ -84,27 +125,36 @@ def backward(mode, grad_y, grad_out, x, cond, weights, biases, activations, acti
     points = FlatPoints(x, cond)
     flat_tangents = _flat_tangents(tangents, points)
     d_in, d_out = x.shape[-1], weights[-1].shape[0]
-    k = d_in if tangents is None else tangents.shape[-2]
     grad_y = grad_y.reshape(points.n, d_out)
     grad_out = grad_out.reshape(output_shape(mode, (points.n,), d_in, d_out, tangents))
     grad_x = x.new_zeros(points.x.shape)
-    grad_cond = cond.new_zeros(points.cond.shape)
-    # Contiguous, whatever the parameters' strides (a transposed or tied weight): the fake kernel and the
-    # CUDA kernels return them so.
-    grad_weights = [w.new_zeros(w.shape) for w in weights]
-    grad_biases = [b.new_zeros(b.shape) for b in biases]
     grad_tangents = x.new_zeros(flat_tangents.shape) if mode == "jvp" else None
-    for rows in points.chunks(rows_per_chunk(k, weights, x.element_size())):
+    # Per worker: the weight and bias gradients, and cond's where points share cond rows. The fake kernel and
+    # the CUDA kernels return contiguous gradients, and so do these sums.
+    shared_cond = points.group is not None
+    sums = WorkerSums(x, [w.shape for w in weights] + [b.shape for b in biases]
+                      + ([points.cond.shape] if shared_cond else []))
+    grad_cond = None if shared_cond else cond.new_zeros(points.cond.shape)
+
+    def chunk(rows, worker):
         g = reference.backward(
             mode, grad_y[rows], grad_out[rows], points.x[rows], points.cond_rows(rows), weights, biases,
             activations, activation_params, skip_layers, None if flat_tangents is None else flat_tangents[rows],
             differentiable=False)
         grad_x[rows] = g.x
-        points.add_cond_grad(grad_cond, rows, g.cond)
-        for total, part in zip(grad_weights + grad_biases, g.weights + g.biases):
+        own = sums[worker]
+        points.add_cond_grad(own[-1] if shared_cond else grad_cond, rows, g.cond)
+        for total, part in zip(own, g.weights + g.biases):
             total += part
         if grad_tangents is not None:
             grad_tangents[rows] = g.tangents
+
+    run_chunks(x, points.chunks(rows_per_chunk(mode, x, weights, tangents)), chunk)
+    totals = sums.total()
+    n_layers = len(weights)
+    grad_weights, grad_biases = totals[:n_layers], totals[n_layers:2 * n_layers]
+    if shared_cond:
+        grad_cond = totals[-1]
     grads = (grad_x.view(x.shape), grad_cond.view(cond.shape), grad_weights, grad_biases)
     if mode == "jvp":
         grads += (grad_tangents.view(tangents.shape),)

@@ -20,7 +20,8 @@ from .activations import Act
 from .kernels import FlatPoints, output_shape
 
 # Extra tensor input of each mode, after the MLP arguments.
-EXTRA_INPUT = {"jacobian": None, "divergence": None, "jvp": "tangents", "hutchinson": "noise"}
+EXTRA_INPUT = {"jacobian": None, "divergence": None, "jvp": "tangents", "hutchinson": "noise",
+               "jacobian_reverse": None}
 MODES = reference.MODES
 assert tuple(EXTRA_INPUT) == MODES
 _ACTIVATION_CODES = {int(a) for a in Act}
@@ -219,11 +220,10 @@ def double_backward(mode, mlp, inputs, cotangents):
               cond.new_zeros(points.cond.shape)]
     result_w, result_b = [torch.zeros_like(w) for w in weights], [torch.zeros_like(b) for b in biases]
     result_t = x.new_zeros(flat_tangents.shape) if differentiable else None
-    k = d_in if tangents is None else tangents.shape[-2]
     with torch.enable_grad():
         w_leaves = [w.detach().requires_grad_() for w in weights]
         b_leaves = [b.detach().requires_grad_() for b in biases]
-        for rows in points.chunks(kernels.rows_per_chunk(k, weights, x.element_size())):
+        for rows in points.chunks(kernels.rows_per_chunk(mode, x, weights, tangents)):
             row_leaves = [t.detach().requires_grad_() for t in
                           (grad_y[rows], grad_out[rows], points.x[rows], points.cond_rows(rows))]
             t_rows = None if flat_tangents is None else flat_tangents[rows].detach().requires_grad_(differentiable)

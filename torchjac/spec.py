@@ -51,6 +51,20 @@ class MLPSpec(NamedTuple):
     def op_args(self) -> Tuple:
         return self.weights, self.biases, self.activations, self.activation_params, self.skip_layers
 
+    @property
+    def jacobian_mode(self) -> str:
+        """The op mode that computes J: the direction with fewer rows per point."""
+        return "jacobian_reverse" if jacobian_direction(self.d_in, self.d_out) == "reverse" else "jacobian"
+
+
+def jacobian_direction(d_in: int, d_out: int) -> str:
+    """"reverse" (d_out cotangent rows) when d_out < d_in, else "forward" (d_in tangent rows).
+
+    Each hidden GEMM carries the value row plus those rows, and the training backward carries as many again,
+    so the fewer rows are the cheaper direction for J and for its gradient alike.
+    """
+    return "reverse" if d_out < d_in else "forward"
+
 
 def current(module: nn.Module, name: str) -> torch.Tensor:
     """The parameter ``name`` of module as its forward would use it now.
@@ -401,8 +415,21 @@ def _recipe_detail(f: nn.Module, recipe: Recipe) -> str:
             + (f", skips into layers {skips}" if skips else ""))
 
 
+def _direction_note(d_in: Optional[int], d_out: int) -> str:
+    """Which direction the fused jacobian takes; d_in is None when cond's width hides it."""
+    if d_in is None:
+        return f"; jacobian in forward mode, or in reverse mode if d_out={d_out} < d_in (x's features, cond's not counted)"
+    return f"; jacobian in {jacobian_direction(d_in, d_out)} mode (d_in={d_in}, d_out={d_out})"
+
+
+def _recipe_dims(f: nn.Module, recipe: Recipe) -> Tuple[Optional[int], int]:
+    first, last = (f.get_submodule(layer.module) for layer in (recipe.layers[0], recipe.layers[-1]))
+    reads_cond = any(block == "cond" for block, _ in recipe.layers[0].blocks)
+    return (None if reads_cond else first.in_features), last.out_features
+
+
 def explain(f, has_cond: bool = False) -> Tuple[str, str]:
-    """(path, detail) for f: which path computes it, and why not the fused one."""
+    """(path, detail) for f: which path computes it, why not the fused one, and the fused jacobian's direction."""
     if not isinstance(f, nn.Module):
         return "generic", f"f is a {type(f).__name__}, not an nn.Module; computed by batched JVPs/VJPs"
     try:
@@ -413,13 +440,17 @@ def explain(f, has_cond: bool = False) -> Tuple[str, str]:
     if reason is not None:
         return "generic", reason
     if is_point_mlp(f):
-        return "fused", "torchjac.PointMLP"
+        return "fused", "torchjac.PointMLP" + _direction_note(f.in_features, f.out_features)
     if isinstance(f, nn.Sequential):
         unsupported = _unsupported_in_chain(f)
         channels_first = sequential_layout(f) == CHANNELS_FIRST
         if unsupported is None:
+            linear = [m for _, m in _chain(f) if isinstance(m, (nn.Linear, nn.Conv1d))]
+            d_in = linear and getattr(linear[0], "in_features", None) or linear and linear[0].in_channels
+            d_out = linear and getattr(linear[-1], "out_features", None) or linear and linear[-1].out_channels
+            note = _direction_note(None if has_cond else d_in, d_out) if linear else ""
             return "fused", ("nn.Sequential of Conv1d(kernel_size=1), channels-first (B, C, N)"
-                             if channels_first else "nn.Sequential")
+                             if channels_first else "nn.Sequential") + note
         if channels_first:  # the generic path needs features in the last dim
             return "refused", unsupported + "; a channels-first Conv1d stack has no generic fallback"
         recognition = _recognize(f, False)
@@ -428,8 +459,8 @@ def explain(f, has_cond: bool = False) -> Tuple[str, str]:
             user_written = not is_plain_sequential(f) or any(
                 not type(m).__module__.startswith("torch.") and not _chain_layer_kind(m) for _, m in _chain(f))
             return "generic", f"{unsupported}, and {recognition.reason}" if user_written else unsupported
-        return "fused", _recipe_detail(f, recognition.recipe)
+        return "fused", _recipe_detail(f, recognition.recipe) + _direction_note(*_recipe_dims(f, recognition.recipe))
     recognition = _recognize(f, has_cond)
     if recognition.recipe is None:
         return "generic", recognition.reason
-    return "fused", _recipe_detail(f, recognition.recipe)
+    return "fused", _recipe_detail(f, recognition.recipe) + _direction_note(*_recipe_dims(f, recognition.recipe))
