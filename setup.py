@@ -7,6 +7,7 @@ Install with `pip install --no-build-isolation -e .` so the build uses the insta
 import glob
 import os
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
@@ -23,7 +24,9 @@ def openmp_flags():
     """Compile (never link) with OpenMP when torch's intra-op threads are OpenMP's, so at::parallel_for in
     csrc/python/module.cpp runs on torch's own OpenMP runtime. Without it the chunks run one after another."""
     import torch
-    if sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+    # GCC's OpenMP calls (GOMP_*) bind to torch's libgomp; clang's (__kmpc_*) would not.
+    gcc = "clang" not in os.environ.get("CXX", "c++") and not (sysconfig.get_config_var("CC") or "").startswith("clang")
+    if sys.platform.startswith("linux") and gcc and "parallel backend: OpenMP" in torch.__config__.parallel_info():
         return ["-fopenmp"]
     return []
 

@@ -308,11 +308,11 @@ def make_batch(row, points, dtype=torch.float32):
 
 
 def oracle_jacobian(f, b):
-    """vmap(jacrev) of the float64 model, each point called as a batch of one."""
+    """vmap(jacrev) (jacfwd for the channels-first model) of the float64 model, each point a batch of one."""
     if b.cond is not None:
         return vmap(jacrev(lambda p, t: f(p[None], t[None])[0]), chunk_size=4096)(b.x, b.cond)
-    if b.x.dim() == 3:
-        return per_point(vmap(jacrev(pointwise(f)), chunk_size=256)(b.x.movedim(1, -1).reshape(-1, 3)), b.x)
+    if b.x.dim() == 3:  # jacfwd: vmap(jacrev) through eval BatchNorm1d takes minutes and tens of GB here
+        return per_point(vmap(jacfwd(pointwise(f)), chunk_size=256)(b.x.movedim(1, -1).reshape(-1, 3)), b.x)
     return vmap(jacrev(lambda p: f(p[None])[0]), chunk_size=4096)(b.x)
 
 
@@ -339,7 +339,8 @@ def check_training(row, points=64):
             f.zero_grad(set_to_none=True)
             loss = fn(f, b)
             loss.backward()
-            grads[name] = [loss.detach()] + [p.grad.clone() for p in f.parameters()]
+            grads[name] = [loss.detach()] + [torch.zeros_like(p) if p.grad is None else p.grad.clone()  # J ignores the last bias
+                                             for p in f.parameters()]
         for name, got in grads.items():
             for a, e in zip(got, grads[group.reference]):
                 err = ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()

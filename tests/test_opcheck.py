@@ -68,7 +68,7 @@ def test_reference_op(mode):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["jvp", "hutchinson", "jacobian_reverse"])
+@pytest.mark.parametrize("mode", ["jacobian", "jvp", "hutchinson", "jacobian_reverse"])
 def test_reference_backward_op(mode):
     args = list(sample_inputs(mode))
     tangents = args.pop() if mode in ("jvp", "hutchinson") else None

@@ -6,7 +6,7 @@ from torch.func import jacrev, vmap
 
 import torchjac
 from torchjac import _C, kernels
-from conftest import ACTIVATIONS, assert_close64
+from conftest import ACTIVATIONS, assert_close64, autograd_jacobian
 from ops_seen import ops_seen
 
 
@@ -157,6 +157,57 @@ def test_parallel_chunks_raises_the_first_error_of_a_chunk():
         _C.parallel_chunks(chunk, 100)
 
 
+def test_parallel_chunks_runs_on_several_workers():
+    if _C.max_workers() < 2:
+        pytest.skip("one intra-op thread")
+    import time
+    workers = set()
+
+    def chunk(i, worker):
+        time.sleep(0.001)  # releases the GIL, as every torch op does
+        workers.add(worker)
+
+    _C.parallel_chunks(chunk, 200)
+    assert len(workers) > 1
+
+
+@pytest.mark.parametrize("mode", ["jacobian", "divergence", "jvp", "hutchinson"])
+@pytest.mark.parametrize("cond_lead", [(4, 60), (4, 1)], ids=["per_point_cond", "shared_cond"])
+def test_forward_modes_train_the_same_over_many_chunks(mode, cond_lead, many_chunks):
+    """The backward of every forward-mode op, its chunks spread over the workers, against create_graph autograd."""
+    torch.manual_seed(0)
+    f = torchjac.PointMLP(3, [12, 10], 3, activation="tanh", cond_features=2, skip_layers=(1,)).double()
+    x = torch.randn(4, 60, 3, dtype=torch.float64, requires_grad=True)
+    cond = torch.randn(*cond_lead, 2, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(4, 60, 3, dtype=torch.float64, requires_grad=True)
+    noise = torch.randint(0, 2, (2, 4, 60, 3)).double() * 2 - 1
+    leaves = [x, cond, v, *f.parameters()] if mode == "jvp" else [x, cond, *f.parameters()]
+
+    def loss(y, out):
+        return (y ** 2).sum() + (out ** 2).sum()
+
+    def from_jacobian(y, jac):
+        if mode == "jacobian":
+            return loss(y, jac)
+        if mode == "divergence":
+            return loss(y, jac.diagonal(0, -2, -1).sum(-1))
+        if mode == "jvp":
+            return loss(y, (jac @ v.unsqueeze(-1)).squeeze(-1))
+        return loss(y, torch.einsum("s...i,...ij,s...j->...", noise, jac, noise) / noise.shape[0])
+
+    if mode == "jacobian":
+        ours = loss(*torchjac.jacobian(f, x, cond=cond, return_output=True))
+    elif mode == "jvp":
+        ours = loss(*torchjac.jvp(f, x, v, cond=cond, return_output=True))
+    else:
+        estimator = "hutchinson" if mode == "hutchinson" else "exact"
+        ours = loss(*torchjac.divergence(f, x, cond=cond, estimator=estimator, return_output=True,
+                                         **({"noise": noise} if mode == "hutchinson" else {})))
+    theirs = from_jacobian(*autograd_jacobian(f, x, cond))
+    for a, b in zip(torch.autograd.grad(ours, leaves), torch.autograd.grad(theirs, leaves)):
+        assert_close64(a, b)
+
+
 def test_parallel_chunks_keeps_the_callers_grad_mode():
     modes = set()
     with torch.no_grad():
@@ -164,7 +215,7 @@ def test_parallel_chunks_keeps_the_callers_grad_mode():
     assert modes == {False}
 
 
-def test_saturated_softplus_in_float32_is_exact_and_subnormals_survive_outside():
+def test_saturated_softplus_in_float32_stays_accurate_and_the_caller_keeps_subnormals():
     """The workers flush subnormals; the results stay within float32 tolerance, the caller's thread does not flush."""
     f = sdf(width=64)
     x = torch.rand(4000, 3, dtype=torch.float64) * 2 - 1  # Softplus(100) saturates: subnormal slopes
@@ -175,3 +226,38 @@ def test_saturated_softplus_in_float32_is_exact_and_subnormals_survive_outside()
         assert ((a.double() - b).abs().max() / b.abs().max()).item() < 1e-4
     tiny = torch.tensor([1e-40], dtype=torch.float32)
     assert (tiny * 1.0).item() > 0
+
+
+def test_parallel_chunks_static_schedule_gives_each_worker_fixed_chunks():
+    calls = []
+    _C.parallel_chunks(lambda i, worker: calls.append((i, worker)), 101, False)
+    assert sorted(i for i, _ in calls) == list(range(101))
+    workers = _C.max_workers()
+    for worker in {w for _, w in calls}:
+        assert [i for i, w in calls if w == worker] == list(range(worker, 101, workers))
+
+
+def test_deterministic_algorithms_give_bitwise_equal_gradients(many_chunks):
+    f = sdf(width=32).float()
+    x = torch.randn(3000, 3)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = (param_grads(torchjac_eikonal, f, x) for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_explain_does_not_guess_d_in_when_cond_shares_the_first_layer():
+    class Dynamics(nn.Module):  # a CNF's: x (3) and the time t (1) into one Linear
+        def __init__(self):
+            super().__init__()
+            self.l0, self.l1 = nn.Linear(4, 16), nn.Linear(16, 3)
+
+        def forward(self, x, t):
+            return self.l1(torch.tanh(self.l0(torch.cat([x, t], -1))))
+
+    detail = torchjac.explain(Dynamics(), cond=True).detail
+    assert "forward mode, or in reverse mode if d_out=3 < d_in" in detail
+    assert "d_in=4" not in detail

@@ -233,7 +233,9 @@ def jacobian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_
 
     The fused path takes the cheaper direction, for J and for its training backward: forward mode (``d_in``
     tangents per point) when ``d_out >= d_in``, reverse mode (``d_out`` cotangents, as for an SDF's gradient)
-    when ``d_out < d_in``. The generic path chooses likewise. ``torchjac.explain(f)`` says which.
+    when ``d_out < d_in``, except on a device with a fused forward-mode kernel (CUDA), which keeps that kernel.
+    The generic path takes VJPs, and JVPs only when ``d_in < d_out`` outside autograd. ``torchjac.explain(f)``
+    says which direction the fused path takes.
     """
     x, fused = _route("jacobian", f, x, cond, event_dims, chunk_size)
     if fused is None:
@@ -241,7 +243,7 @@ def jacobian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_
                           chunk_size)
         jac = _nan_at_non_finite_points(jac, x, cond, event_dims)
     else:
-        op = getattr(torch.ops.torchjac, f"mlp_{fused.spec.jacobian_mode}")
+        op = getattr(torch.ops.torchjac, f"mlp_{fused.spec.jacobian_mode(x.device)}")
         y, jac = op(*fused.args())
         y = fused.output(y)
     return (y, jac) if return_output else jac

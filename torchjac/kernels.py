@@ -7,7 +7,7 @@ so the reference math may write its buffers in place (``differentiable=False``).
 
 On the CPU the chunks run side by side, one per intra-op thread, in a single
 parallel region (``_C.parallel_chunks``, csrc/python/module.cpp); each chunk's
-ops are single-threaded. A loop of small multi-threaded ops would instead wait
+ops are single-threaded (an input of one chunk runs on the calling thread). A loop of small multi-threaded ops would instead wait
 at every op's barrier for a thread the OS has descheduled, which on a machine
 whose cores other processes share cost 3x (bench/bench_models.py measures it).
 The workers flush subnormals to zero (csrc/python/module.cpp says why).
@@ -61,10 +61,13 @@ def run_chunks(x: torch.Tensor, chunks, fn):
     """fn(rows, worker) for every chunk of rows; chunks with the same worker never run at the same time.
 
     On the CPU the chunks are shared out among the intra-op threads, so fn must write only its own rows, or
-    accumulate into state of its own worker (worker < _C.max_workers()). Elsewhere they run in order (worker 0).
+    accumulate into state of its own worker (worker < _C.max_workers()). A worker takes the next chunk as it
+    finishes one, unless deterministic algorithms are asked for: then each worker has fixed chunks, taken in
+    order. Elsewhere they run in order (worker 0).
     """
     if x.device.type == "cpu":
-        _C.parallel_chunks(lambda i, worker: fn(chunks[i], worker), len(chunks))
+        dynamic = not torch.are_deterministic_algorithms_enabled()
+        _C.parallel_chunks(lambda i, worker: fn(chunks[i], worker), len(chunks), dynamic)
     else:
         for rows in chunks:
             fn(rows, 0)
@@ -84,8 +87,8 @@ class WorkerSums:
 
     def total(self):
         sums = [self.like.new_zeros(s) for s in self.shapes]  # contiguous, whatever the parameters' strides
-        for parts in self.per_worker.values():
-            for acc, part in zip(sums, parts):
+        for worker in sorted(self.per_worker):  # a fixed order, for deterministic algorithms
+            for acc, part in zip(sums, self.per_worker[worker]):
                 acc += part
         return sums
 

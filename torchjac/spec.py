@@ -51,19 +51,25 @@ class MLPSpec(NamedTuple):
     def op_args(self) -> Tuple:
         return self.weights, self.biases, self.activations, self.activation_params, self.skip_layers
 
-    @property
-    def jacobian_mode(self) -> str:
-        """The op mode that computes J: the direction with fewer rows per point."""
-        return "jacobian_reverse" if jacobian_direction(self.d_in, self.d_out) == "reverse" else "jacobian"
+    def jacobian_mode(self, device: torch.device) -> str:
+        """The op mode that computes J on device."""
+        return "jacobian_reverse" if jacobian_direction(self.d_in, self.d_out, device) == "reverse" else "jacobian"
 
 
-def jacobian_direction(d_in: int, d_out: int) -> str:
+def has_fused_forward_kernel(device: torch.device) -> bool:
+    """Whether a fused (forward-mode) kernel serves device; the reverse mode has none yet."""
+    key = device.type.upper()
+    return key != "CPU" and torch._C._dispatch_has_kernel_for_dispatch_key("torchjac::mlp_jacobian", key)
+
+
+def jacobian_direction(d_in: int, d_out: int, device: torch.device) -> str:
     """"reverse" (d_out cotangent rows) when d_out < d_in, else "forward" (d_in tangent rows).
 
     Each hidden GEMM carries the value row plus those rows, and the training backward carries as many again,
-    so the fewer rows are the cheaper direction for J and for its gradient alike.
+    so the fewer rows are the cheaper direction for J and for its gradient alike. A device with a fused
+    forward-mode kernel keeps it: the reverse mode there is the pure-PyTorch path.
     """
-    return "reverse" if d_out < d_in else "forward"
+    return "reverse" if d_out < d_in and not has_fused_forward_kernel(device) else "forward"
 
 
 def current(module: nn.Module, name: str) -> torch.Tensor:
@@ -417,15 +423,23 @@ def _recipe_detail(f: nn.Module, recipe: Recipe) -> str:
 
 def _direction_note(d_in: Optional[int], d_out: int) -> str:
     """Which direction the fused jacobian takes; d_in is None when cond's width hides it."""
+    cpu = torch.device("cpu")
+    fused_cuda = has_fused_forward_kernel(torch.device("cuda"))
+    where = "; jacobian on the CPU" if fused_cuda else "; jacobian"
+    cuda = ", on CUDA in forward mode (the fused kernel)" if fused_cuda else ""
     if d_in is None:
-        return f"; jacobian in forward mode, or in reverse mode if d_out={d_out} < d_in (x's features, cond's not counted)"
-    return f"; jacobian in {jacobian_direction(d_in, d_out)} mode (d_in={d_in}, d_out={d_out})"
+        return (f"{where} in forward mode, or in reverse mode if d_out={d_out} < d_in (x's features, cond's not "
+                f"counted){cuda}")
+    return f"{where} in {jacobian_direction(d_in, d_out, cpu)} mode (d_in={d_in}, d_out={d_out}){cuda}"
 
 
-def _recipe_dims(f: nn.Module, recipe: Recipe) -> Tuple[Optional[int], int]:
+def _recipe_dims(f: nn.Module, recipe: Recipe, has_cond: bool) -> Tuple[Optional[int], int]:
+    """(d_in, d_out) of a recognized module; d_in is None where cond's width is part of the first layer's."""
     first, last = (f.get_submodule(layer.module) for layer in (recipe.layers[0], recipe.layers[-1]))
-    reads_cond = any(block == "cond" for block, _ in recipe.layers[0].blocks)
-    return (None if reads_cond else first.in_features), last.out_features
+    blocks = [block for block, _ in recipe.layers[0].blocks]
+    if has_cond or blocks != ["x"]:  # cond read, or x read twice: the in-features are not d_in
+        return None, last.out_features
+    return first.in_features, last.out_features
 
 
 def explain(f, has_cond: bool = False) -> Tuple[str, str]:
@@ -459,8 +473,10 @@ def explain(f, has_cond: bool = False) -> Tuple[str, str]:
             user_written = not is_plain_sequential(f) or any(
                 not type(m).__module__.startswith("torch.") and not _chain_layer_kind(m) for _, m in _chain(f))
             return "generic", f"{unsupported}, and {recognition.reason}" if user_written else unsupported
-        return "fused", _recipe_detail(f, recognition.recipe) + _direction_note(*_recipe_dims(f, recognition.recipe))
+        return "fused", _recipe_detail(f, recognition.recipe) + _direction_note(
+            *_recipe_dims(f, recognition.recipe, has_cond))
     recognition = _recognize(f, has_cond)
     if recognition.recipe is None:
         return "generic", recognition.reason
-    return "fused", _recipe_detail(f, recognition.recipe) + _direction_note(*_recipe_dims(f, recognition.recipe))
+    return "fused", _recipe_detail(f, recognition.recipe) + _direction_note(
+        *_recipe_dims(f, recognition.recipe, has_cond))

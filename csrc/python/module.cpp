@@ -2,9 +2,11 @@
 // csrc/ops.cpp (and the CUDA glue); it has one function of its own, the chunk
 // runner of the pure-PyTorch CPU path.
 //
-// parallel_chunks(fn, n) calls fn(i, worker) once for each i in range(n) on
-// ATen's intra-op threads, each worker taking the next chunk as it finishes
-// one. Inside that one parallel region the torch ops of fn run single-threaded
+// parallel_chunks(fn, n, dynamic) calls fn(i, worker) once for each i in
+// range(n) on ATen's intra-op threads. With dynamic=True each worker takes the
+// next chunk as it finishes one; with dynamic=False worker w takes chunks w,
+// w + workers, ... in order, so sums kept per worker add up the same way on
+// every run (for torch.use_deterministic_algorithms). Inside that one parallel region the torch ops of fn run single-threaded
 // (ATen and MKL do not nest), so a chunk never waits on a barrier for a thread
 // the OS has descheduled: a busy core slows its worker only, and the other
 // workers take more chunks. The many small parallel regions of a plain loop of
@@ -47,7 +49,8 @@ struct PythonError {
 PyObject* parallel_chunks(PyObject*, PyObject* args) {
   PyObject* fn = nullptr;
   long long n = 0;
-  if (!PyArg_ParseTuple(args, "OL:parallel_chunks", &fn, &n)) return nullptr;
+  int dynamic = 1;
+  if (!PyArg_ParseTuple(args, "OL|p:parallel_chunks", &fn, &n, &dynamic)) return nullptr;
   if (!PyCallable_Check(fn)) {
     PyErr_SetString(PyExc_TypeError, "parallel_chunks: fn expected a callable fn(chunk, worker)");
     return nullptr;
@@ -63,14 +66,17 @@ PyObject* parallel_chunks(PyObject*, PyObject* args) {
     Py_XDECREF(result);
     return result == nullptr ? nullptr : (Py_INCREF(Py_None), Py_None);
   }
+  const long long workers = at::get_num_threads();
   const at::ThreadLocalState caller_state;
   Py_BEGIN_ALLOW_THREADS
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t first_worker, int64_t end_worker) {
+  at::parallel_for(0, workers, 1, [&](int64_t first_worker, int64_t end_worker) {
     at::ThreadLocalStateGuard state_guard(caller_state);
     SubnormalsFlushed flushed;
     const PyGILState_STATE gil = PyGILState_Ensure();
     for (int64_t worker = first_worker; worker < end_worker; ++worker) {
-      for (long long i; !failed.load() && (i = next.fetch_add(1)) < n;) {
+      long long static_next = worker;
+      for (long long i; !failed.load() && (i = dynamic ? next.fetch_add(1) : static_next) < n;
+           static_next += workers) {
         PyObject* result = PyObject_CallFunction(fn, "LL", i, static_cast<long long>(worker));
         if (result != nullptr) {
           Py_DECREF(result);
@@ -95,7 +101,8 @@ PyObject* max_workers(PyObject*, PyObject*) { return PyLong_FromLong(at::get_num
 
 PyMethodDef methods[] = {
     {"parallel_chunks", parallel_chunks, METH_VARARGS,
-     "parallel_chunks(fn, n): fn(i, worker) for i in range(n) on the intra-op threads; worker < max_workers()"},
+     "parallel_chunks(fn, n, dynamic=True): fn(i, worker) for i in range(n) on the intra-op threads; "
+     "worker < max_workers()"},
     {"max_workers", max_workers, METH_NOARGS, "The number of workers parallel_chunks may use."},
     {nullptr, nullptr, 0, nullptr}};
 
