@@ -339,7 +339,8 @@ def check_training(row, points=64):
             f.zero_grad(set_to_none=True)
             loss = fn(f, b)
             loss.backward()
-            grads[name] = [loss.detach()] + [torch.zeros_like(p) if p.grad is None else p.grad.clone()  # J ignores the last bias
+            # J does not depend on the last bias: no gradient there is a zero gradient
+            grads[name] = [loss.detach()] + [torch.zeros_like(p) if p.grad is None else p.grad.clone()
                                              for p in f.parameters()]
         for name, got in grads.items():
             for a, e in zip(got, grads[group.reference]):

@@ -7,7 +7,8 @@ so the reference math may write its buffers in place (``differentiable=False``).
 
 On the CPU the chunks run side by side, one per intra-op thread, in a single
 parallel region (``_C.parallel_chunks``, csrc/python/module.cpp); each chunk's
-ops are single-threaded (an input of one chunk runs on the calling thread). A loop of small multi-threaded ops would instead wait
+ops are single-threaded (an input of one chunk runs on the calling thread).
+A loop of small multi-threaded ops would instead wait
 at every op's barrier for a thread the OS has descheduled, which on a machine
 whose cores other processes share cost 3x (bench/bench_models.py measures it).
 The workers flush subnormals to zero (csrc/python/module.cpp says why).

@@ -6,7 +6,9 @@
 // range(n) on ATen's intra-op threads. With dynamic=True each worker takes the
 // next chunk as it finishes one; with dynamic=False worker w takes chunks w,
 // w + workers, ... in order, so sums kept per worker add up the same way on
-// every run (for torch.use_deterministic_algorithms). Inside that one parallel region the torch ops of fn run single-threaded
+// every run (for torch.use_deterministic_algorithms).
+//
+// Inside that one parallel region the torch ops of fn run single-threaded
 // (ATen and MKL do not nest), so a chunk never waits on a barrier for a thread
 // the OS has descheduled: a busy core slows its worker only, and the other
 // workers take more chunks. The many small parallel regions of a plain loop of
