@@ -261,3 +261,18 @@ def test_explain_does_not_guess_d_in_when_cond_shares_the_first_layer():
     detail = torchjac.explain(Dynamics(), cond=True).detail
     assert "forward mode, or in reverse mode if d_out=3 < d_in" in detail
     assert "d_in=4" not in detail
+
+
+def test_chunks_are_cut_for_every_worker(monkeypatch):
+    class ManyWorkers:
+        @staticmethod
+        def max_workers():
+            return 32
+
+    weights = [torch.zeros(256, 3), torch.zeros(1, 256)]
+    x = torch.zeros(4096, 3)
+    cache_sized = kernels.rows_per_chunk("jacobian_reverse", x, weights, None)
+    monkeypatch.setattr(kernels, "_C", ManyWorkers)
+    assert kernels.rows_per_chunk("jacobian_reverse", x, weights, None) == 4096 // 32 < cache_sized
+    small = torch.zeros(cache_sized, 3)  # one chunk: run whole, multi-threaded ops
+    assert kernels.rows_per_chunk("jacobian_reverse", small, weights, None) == cache_sized

@@ -24,10 +24,18 @@ CHUNK_BYTES = 1 << 20
 
 
 def rows_per_chunk(mode: str, x: torch.Tensor, weights, tangents) -> int:
-    """Points per chunk: their value and tangent (or cotangent) rows fill CHUNK_BYTES at the widest layer."""
+    """Points per chunk: their value and tangent (or cotangent) rows fill CHUNK_BYTES at the widest layer.
+
+    On the CPU an input of several chunks is cut into at least one chunk per worker, since each chunk runs on one
+    thread: 8 chunks on 32 threads would leave 24 idle. An input of one chunk runs whole, its ops multi-threaded.
+    """
     width = max(w.shape[0] for w in weights)
     rows = reference.rows_per_point(mode, x.shape[-1], weights[-1].shape[0], tangents)
-    return max(16, CHUNK_BYTES // (rows * width * x.element_size()))
+    fits_cache = max(16, CHUNK_BYTES // (rows * width * x.element_size()))
+    n_points = math.prod(x.shape[:-1])
+    if x.device.type == "cpu" and n_points > fits_cache:
+        return min(fits_cache, max(16, -(-n_points // _C.max_workers())))
+    return fits_cache
 
 
 class FlatPoints:
