@@ -15,6 +15,12 @@
 // The forward ops return the MLP output y (..., d_out) together with one
 // forward-mode quantity; every forward op has a *_backward op that returns the
 // gradients w.r.t. x, cond, weights, biases (and tangents for jvp).
+//
+// keep_states asks the forward for `states`, what its backward may reuse instead
+// of recomputing: the pure-PyTorch path keeps each layer's pre-activation rows
+// (torchjac/reference.py, kept_shapes); a fused kernel returns it empty and
+// recomputes on chip. The backward op takes that tensor, or None or an empty one
+// to recompute.
 #include <torch/library.h>
 
 #define TORCHJAC_MLP_ARGS                                                        \
@@ -22,6 +28,8 @@
   "float[] activation_params, int[] skip_layers"
 
 #define TORCHJAC_GRADS "Tensor grad_x, Tensor grad_cond, Tensor[] grad_weights, Tensor[] grad_biases"
+#define TORCHJAC_KEEP "bool keep_states=False"
+#define TORCHJAC_STATES "Tensor? states=None"
 
 // The host emulation of the CUDA kernels (tests/cuda_emulation) defines the
 // same schemas in a namespace of its own.
@@ -31,31 +39,35 @@
 
 TORCH_LIBRARY(TORCHJAC_OPS_NAMESPACE, m) {
   // J[..., i, j] = d y_i / d x_j, shape (..., d_out, d_in).
-  m.def("mlp_jacobian(" TORCHJAC_MLP_ARGS ") -> (Tensor y, Tensor jac)");
+  m.def("mlp_jacobian(" TORCHJAC_MLP_ARGS ", " TORCHJAC_KEEP ") -> (Tensor y, Tensor jac, Tensor states)");
   // Trace of J, shape (...). Needs d_out == d_in.
-  m.def("mlp_divergence(" TORCHJAC_MLP_ARGS ") -> (Tensor y, Tensor div)");
+  m.def("mlp_divergence(" TORCHJAC_MLP_ARGS ", " TORCHJAC_KEEP ") -> (Tensor y, Tensor div, Tensor states)");
   // tangents (..., k, d_in) -> J v for each of the k tangents, shape (..., k, d_out).
-  m.def("mlp_jvp(" TORCHJAC_MLP_ARGS ", Tensor tangents) -> (Tensor y, Tensor jvp)");
+  m.def("mlp_jvp(" TORCHJAC_MLP_ARGS ", Tensor tangents, " TORCHJAC_KEEP ") -> (Tensor y, Tensor jvp, Tensor states)");
   // noise (..., S, d_in) -> mean over s of e_s^T J e_s, shape (...). Noise is not differentiated.
-  m.def("mlp_hutchinson(" TORCHJAC_MLP_ARGS ", Tensor noise) -> (Tensor y, Tensor div)");
+  m.def("mlp_hutchinson(" TORCHJAC_MLP_ARGS ", Tensor noise, " TORCHJAC_KEEP
+        ") -> (Tensor y, Tensor div, Tensor states)");
 
   // The same J from d_out cotangent rows carried back through the layers: cheaper when d_out < d_in.
-  m.def("mlp_jacobian_reverse(" TORCHJAC_MLP_ARGS ") -> (Tensor y, Tensor jac)");
+  m.def("mlp_jacobian_reverse(" TORCHJAC_MLP_ARGS ", " TORCHJAC_KEEP ") -> (Tensor y, Tensor jac, Tensor states)");
 
-  m.def("mlp_jacobian_backward(Tensor grad_y, Tensor grad_jac, " TORCHJAC_MLP_ARGS ") -> (" TORCHJAC_GRADS ")");
-  m.def("mlp_divergence_backward(Tensor grad_y, Tensor grad_div, " TORCHJAC_MLP_ARGS ") -> (" TORCHJAC_GRADS ")");
-  m.def("mlp_jacobian_reverse_backward(Tensor grad_y, Tensor grad_jac, " TORCHJAC_MLP_ARGS ") -> (" TORCHJAC_GRADS
-        ")");
-  m.def("mlp_jvp_backward(Tensor grad_y, Tensor grad_jvp, " TORCHJAC_MLP_ARGS
-        ", Tensor tangents) -> (" TORCHJAC_GRADS ", Tensor grad_tangents)");
-  m.def("mlp_hutchinson_backward(Tensor grad_y, Tensor grad_div, " TORCHJAC_MLP_ARGS
-        ", Tensor noise) -> (" TORCHJAC_GRADS ")");
+  m.def("mlp_jacobian_backward(Tensor grad_y, Tensor grad_jac, " TORCHJAC_MLP_ARGS ", " TORCHJAC_STATES
+        ") -> (" TORCHJAC_GRADS ")");
+  m.def("mlp_divergence_backward(Tensor grad_y, Tensor grad_div, " TORCHJAC_MLP_ARGS ", " TORCHJAC_STATES
+        ") -> (" TORCHJAC_GRADS ")");
+  m.def("mlp_jacobian_reverse_backward(Tensor grad_y, Tensor grad_jac, " TORCHJAC_MLP_ARGS ", " TORCHJAC_STATES
+        ") -> (" TORCHJAC_GRADS ")");
+  m.def("mlp_jvp_backward(Tensor grad_y, Tensor grad_jvp, " TORCHJAC_MLP_ARGS ", Tensor tangents, " TORCHJAC_STATES
+        ") -> (" TORCHJAC_GRADS ", Tensor grad_tangents)");
+  m.def("mlp_hutchinson_backward(Tensor grad_y, Tensor grad_div, " TORCHJAC_MLP_ARGS ", Tensor noise, " TORCHJAC_STATES
+        ") -> (" TORCHJAC_GRADS ")");
 
   // The pure-PyTorch path of any forward op above (mode: "jacobian", "divergence",
   // "jvp", "hutchinson", "jacobian_reverse"; tangents holds the jvp tangents or the noise). Fused
   // kernels call it for shapes their templates do not cover.
-  m.def("mlp_reference_forward(str mode, " TORCHJAC_MLP_ARGS ", Tensor? tangents) -> (Tensor y, Tensor out)");
+  m.def("mlp_reference_forward(str mode, " TORCHJAC_MLP_ARGS ", Tensor? tangents, " TORCHJAC_KEEP
+        ") -> (Tensor y, Tensor out, Tensor states)");
   // The pure-PyTorch path of any backward op above; grad_tangents is empty unless mode is "jvp".
   m.def("mlp_reference_backward(str mode, Tensor grad_y, Tensor grad_out, " TORCHJAC_MLP_ARGS
-        ", Tensor? tangents) -> (" TORCHJAC_GRADS ", Tensor grad_tangents)");
+        ", Tensor? tangents, " TORCHJAC_STATES ") -> (" TORCHJAC_GRADS ", Tensor grad_tangents)");
 }

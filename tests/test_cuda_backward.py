@@ -411,7 +411,7 @@ def test_errors_name_the_argument():
     mlp = make_mlp(3, 2, [32], dtype=torch.float32)
     x = points(10, d_in=3, dtype=torch.float32)
     cond = no_cond(x)
-    y, jac = torch.ops.torchjac.mlp_jacobian(x, cond, *mlp.args())
+    y, jac, _ = torch.ops.torchjac.mlp_jacobian(x, cond, *mlp.args())
     op = torch.ops.torchjac.mlp_jacobian_backward
     with pytest.raises(ValueError, match=r"mlp_jacobian_backward: grad_y: expected shape \(10, 2\) like y, got"):
         op(y.new_zeros(10, 3), jac, x, cond, *mlp.args())
@@ -444,7 +444,7 @@ def test_device_errors_name_the_argument():
     mlp = make_mlp(3, 2, [32], dtype=torch.float32)
     x = points(10, d_in=3, dtype=torch.float32)
     cond = no_cond(x)
-    y, jac = torch.ops.torchjac.mlp_jacobian(x, cond, *mlp.args())
+    y, jac, _ = torch.ops.torchjac.mlp_jacobian(x, cond, *mlp.args())
     op = torch.ops.torchjac.mlp_jacobian_backward
     with pytest.raises(ValueError, match=r"biases\[0\]: expected device cuda:0 like x, got cpu"):
         biases = list(mlp.biases)

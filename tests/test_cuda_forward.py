@@ -156,16 +156,18 @@ def fallback_messages():
 
 
 def fused(op_name, *args):
-    """Calls torch.ops.torchjac.<op_name> and fails if it fell back to the reference path."""
+    """(y, out) of torch.ops.torchjac.<op_name>, asked to keep states; fails if it fell back to the reference
+    path, or if it kept states (the fused backward recomputes on chip)."""
     prev = torch.is_warn_always_enabled()
     torch.set_warn_always(True)  # TORCH_WARN_ONCE warns on every call
     try:
         with fallback_messages() as fell_back:
-            out = getattr(torch.ops.torchjac, op_name)(*args)
+            y, out, states = getattr(torch.ops.torchjac, op_name)(*args, True)
     finally:
         torch.set_warn_always(prev)
     assert not fell_back, f"{op_name} fell back to the reference path: {fell_back[0]}"
-    return out
+    assert states.numel() == 0, f"{op_name} kept {states.numel()} states"
+    return y, out
 
 
 def max_rel_err(actual, expected):
@@ -509,7 +511,7 @@ FALLBACK_SCRIPT = textwrap.dedent("""
     b = [torch.randn(320, device="cuda"), torch.randn(3, device="cuda")]
     x = torch.randn(50, 3, device="cuda")
     for _ in range(3):
-        y, jac = torch.ops.torchjac.mlp_jacobian(x, x.new_zeros(50, 0), w, b, [3, 0], [1.0, 20.0, 0.0, 0.0], [])
+        y, jac, _ = torch.ops.torchjac.mlp_jacobian(x, x.new_zeros(50, 0), w, b, [3, 0], [1.0, 20.0, 0.0, 0.0], [])
     torch.cuda.synchronize()
     print("SHAPES", tuple(y.shape), tuple(jac.shape))
 """)
@@ -535,7 +537,7 @@ def test_fallback_is_correct():
     mlp = make_mlp(3, 3, [320, 320], c=1)
     x = points(40, d_in=3, dtype=torch.float64)
     cond = points(40, d_in=1, dtype=torch.float64, seed=2)
-    y, jac = torch.ops.torchjac.mlp_jacobian(x, cond, *mlp.args())
+    y, jac, _ = torch.ops.torchjac.mlp_jacobian(x, cond, *mlp.args())
     y64, jac64 = oracle(mlp, x, cond)
     assert_close(y, y64, torch.float64, "fallback y")
     assert_close(jac, jac64, torch.float64, "fallback jacobian")

@@ -51,7 +51,7 @@ BACKWARD_CASES += [(mode, case) for mode in ("jacobian", "jvp", "jacobian_revers
 @pytest.mark.parametrize("mode,case", BACKWARD_CASES)
 def test_backward_op(mode, case):
     args = sample_inputs(mode, **CASES[case])
-    y, out = getattr(torch.ops.torchjac, f"mlp_{mode}")(*args)
+    y, out, _ = getattr(torch.ops.torchjac, f"mlp_{mode}")(*args)
     grad_y = torch.randn_like(y).requires_grad_()
     grad_out = torch.randn_like(out).requires_grad_()
     torch.library.opcheck(getattr(torch.ops.torchjac, f"mlp_{mode}_backward").default, (grad_y, grad_out, *args))
@@ -72,7 +72,7 @@ def test_reference_op(mode):
 def test_reference_backward_op(mode):
     args = list(sample_inputs(mode))
     tangents = args.pop() if mode in ("jvp", "hutchinson") else None
-    y, out = torch.ops.torchjac.mlp_reference_forward(mode, *args, tangents)
+    y, out, _ = torch.ops.torchjac.mlp_reference_forward(mode, *args, tangents)
     grad_y, grad_out = torch.randn_like(y).requires_grad_(), torch.randn_like(out).requires_grad_()
     torch.library.opcheck(torch.ops.torchjac.mlp_reference_backward.default,
                           (mode, grad_y, grad_out, *args, tangents))
@@ -81,3 +81,23 @@ def test_reference_backward_op(mode):
         grad_y, grad_out, *args, *([tangents] if tangents is not None else []))
     for a, b in zip(torch.utils._pytree.tree_leaves(ours[:4]), torch.utils._pytree.tree_leaves(direct[:4])):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["jacobian", "jacobian_reverse"])
+def test_ops_keeping_states(mode):
+    """keep_states=True: the fake kernel sizes states like the real one, and the backward op takes them."""
+    args = sample_inputs(mode)
+    torch.library.opcheck(getattr(torch.ops.torchjac, f"mlp_{mode}").default, (*args, True))
+    y, out, states = getattr(torch.ops.torchjac, f"mlp_{mode}")(*args, True)
+    assert states.numel() == (0 if mode == "jacobian" else 6 * (6 + 5 + 1))  # the reverse mode keeps each z
+    grad_y = torch.randn_like(y).requires_grad_()
+    grad_out = torch.randn_like(out).requires_grad_()
+    torch.library.opcheck(getattr(torch.ops.torchjac, f"mlp_{mode}_backward").default,
+                          (grad_y, grad_out, *args, states), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_backward_op_rejects_states_of_another_call():
+    args = sample_inputs("jacobian_reverse")
+    y, out, states = torch.ops.torchjac.mlp_jacobian_reverse(*args, True)
+    with pytest.raises(ValueError, match=r"mlp_jacobian_reverse_backward: states expected .* 72 elements"):
+        torch.ops.torchjac.mlp_jacobian_reverse_backward(y, out, *args, states[:-1])

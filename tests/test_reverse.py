@@ -82,6 +82,41 @@ def test_eikonal_training_gradients_equal_create_graph(activation, many_chunks):
         assert_close64(ours, theirs)
 
 
+@pytest.mark.parametrize("name", ["softplus", "tanh", "relu", "sine"])
+def test_backward_from_kept_states_equals_recomputing(name, many_chunks):
+    """The reverse op's backward from the forward's kept pre-activations equals its backward from scratch."""
+    f = torchjac.PointMLP(3, [9, 7, 5], 2, activation=ACTIVATIONS[name], cond_features=2, skip_layers=(2,)).double()
+    x = torch.randn(3, 40, 3, dtype=torch.float64)
+    cond = torch.randn(3, 1, 2, dtype=torch.float64)
+    spec = torchjac.spec.lower(f, x, 2)
+    args = (x, cond, *spec.op_args())
+    y, jac, states = torch.ops.torchjac.mlp_jacobian_reverse(*args, True)
+    assert states.numel() == 120 * (9 + 7 + 5 + 2)
+    grad_y, grad_jac = torch.randn_like(y), torch.randn_like(jac)
+    from_states = torch.ops.torchjac.mlp_jacobian_reverse_backward(grad_y, grad_jac, *args, states)
+    recomputed = torch.ops.torchjac.mlp_jacobian_reverse_backward(grad_y, grad_jac, *args)
+    flat = lambda g: [g[0], g[1], *g[2], *g[3]]
+    for a, b in zip(flat(from_states), flat(recomputed)):
+        assert_close64(a, b)
+
+
+def test_training_keeps_states_and_inference_does_not(monkeypatch):
+    f = sdf()
+    x = torch.randn(64, 3, dtype=torch.float64)
+    kept = []
+    original = kernels.forward
+
+    def spy(mode, *args, keep_states=False, **kwargs):
+        kept.append(keep_states)
+        return original(mode, *args, keep_states=keep_states, **kwargs)
+
+    monkeypatch.setattr(kernels, "forward", spy)
+    with torch.no_grad():
+        torchjac.jacobian(f, x)
+    torchjac.jacobian(f, x)  # the parameters require grad
+    assert kept == [False, True]
+
+
 def test_gradient_reaches_x_and_cond_through_reverse_mode(many_chunks):
     f = torchjac.PointMLP(3, [16, 16], 1, activation=nn.Softplus(beta=100), cond_features=4,
                           skip_layers=(1,)).double()

@@ -29,6 +29,14 @@ class _Fused(NamedTuple):
     def args(self):
         return (self.x, self.cond, *self.spec.op_args())
 
+    def call(self, mode: str, *extra):
+        """(y, out) of the op mlp_<mode>. When autograd will need its backward, the op keeps the states that
+        backward reuses (the pure-PyTorch path's layer pre-activations), as autograd keeps a graph's."""
+        x, cond, weights, biases, *_ = self.args()
+        keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x, cond, *weights, *biases, *extra))
+        y, out, _states = getattr(torch.ops.torchjac, f"mlp_{mode}")(*self.args(), *extra, keep)
+        return y, out
+
     def output(self, y: torch.Tensor) -> torch.Tensor:
         """y in the model's own layout."""
         return y.movedim(-1, -2) if self.spec.layout == spec_lib.CHANNELS_FIRST else y
@@ -243,8 +251,7 @@ def jacobian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_
                           chunk_size)
         jac = _nan_at_non_finite_points(jac, x, cond, event_dims)
     else:
-        op = getattr(torch.ops.torchjac, f"mlp_{fused.spec.jacobian_mode(x.device)}")
-        y, jac = op(*fused.args())
+        y, jac = fused.call(fused.spec.jacobian_mode(x.device))
         y = fused.output(y)
     return (y, jac) if return_output else jac
 
@@ -330,15 +337,15 @@ def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estim
         raise ValueError(f"torchjac.divergence: f must map d_in to d_in features for a divergence, "
                          f"but f maps {fused.spec.d_in} -> {fused.spec.d_out}")
     if estimator == "exact":
-        y, div = torch.ops.torchjac.mlp_divergence(*fused.args())
+        y, div = fused.call("divergence")
     elif user_noise is None:
         e = _noise((*fused.x.shape[:-1], num_samples, fused.spec.d_in), fused.x, noise, generator)
-        y, div = torch.ops.torchjac.mlp_hutchinson(*fused.args(), e)
+        y, div = fused.call("hutchinson", e)
     else:  # (S, *x.shape) in f's layout -> (*lead, S, d_in), the op's layout
         if fused.spec.layout == spec_lib.CHANNELS_FIRST:
             user_noise = user_noise.movedim(-2, -1)
         e = _expand_noise(user_noise, fused.x).movedim(0, -2)
-        y, div = torch.ops.torchjac.mlp_hutchinson(*fused.args(), e)
+        y, div = fused.call("hutchinson", e)
     y = fused.output(y)
     return (y, div) if return_output else div
 
@@ -373,7 +380,7 @@ def jvp(f, x: torch.Tensor, v: torch.Tensor, *, cond: Optional[torch.Tensor] = N
         raise ValueError(f"torchjac.jvp: v expected leading dims that broadcast to {tuple(lead)} (x's and cond's), "
                          f"got shape {tuple(v.shape)}")
     tangents = v.expand(*lead, v.shape[-1]).unsqueeze(-2)
-    y, out = torch.ops.torchjac.mlp_jvp(*fused.args(), tangents)
+    y, out = fused.call("jvp", tangents)
     y, out = fused.output(y), fused.output(out.squeeze(-2))
     return (y, out) if return_output else out
 

@@ -116,26 +116,49 @@ def output_shape(mode: str, lead, d_in: int, d_out: int, tangents) -> tuple:
     return (*lead, tangents.shape[-2], d_out)
 
 
-def forward(mode, x, cond, weights, biases, activations, activation_params, skip_layers, tangents=None):
+def kept_layers(mode, n_points: int, weights, states: torch.Tensor):
+    """Views of the flat states buffer: each layer's kept pre-activations, shaped as reference.kept_shapes says;
+    None when the mode keeps none."""
+    shapes = reference.kept_shapes(mode, n_points, weights)
+    if not shapes:
+        return None
+    sizes = [math.prod(shape) for shape in shapes]
+    return [part.view(shape) for part, shape in zip(states.split(sizes), shapes)]
+
+
+def states_size(mode, x, weights) -> int:
+    """Elements of the states buffer the forward keeps for the backward (0 for modes that keep none)."""
+    n_points = math.prod(x.shape[:-1])
+    return sum(math.prod(shape) for shape in reference.kept_shapes(mode, n_points, weights))
+
+
+def forward(mode, x, cond, weights, biases, activations, activation_params, skip_layers, tangents=None,
+            keep_states=False):
+    """(y, out, states); with keep_states, states holds what reference.kept_shapes says the backward reuses."""
     points = FlatPoints(x, cond)
     flat_tangents = _flat_tangents(tangents, points)
     d_in, d_out = x.shape[-1], weights[-1].shape[0]
     y = x.new_empty(points.n, d_out)
     out = x.new_empty(output_shape(mode, (points.n,), d_in, d_out, tangents))
+    states = x.new_empty(states_size(mode, x, weights) if keep_states else 0)
+    kept = kept_layers(mode, points.n, weights, states) if keep_states else None
 
     def chunk(rows, worker):
         y[rows], out[rows] = reference.forward(
             mode, points.x[rows], points.cond_rows(rows), weights, biases, activations, activation_params,
-            skip_layers, None if flat_tangents is None else flat_tangents[rows], differentiable=False)
+            skip_layers, None if flat_tangents is None else flat_tangents[rows], differentiable=False,
+            keep_into=None if kept is None else [layer[:, rows] for layer in kept])
 
     run_chunks(x, points.chunks(rows_per_chunk(mode, x, weights, tangents)), chunk)
-    return y.view(*points.lead, d_out), out.view(output_shape(mode, points.lead, d_in, d_out, tangents))
+    return y.view(*points.lead, d_out), out.view(output_shape(mode, points.lead, d_in, d_out, tangents)), states
 
 
 def backward(mode, grad_y, grad_out, x, cond, weights, biases, activations, activation_params, skip_layers,
-             tangents=None):
+             tangents=None, states=None):
+    """Gradients of the op; states is the forward's (an empty or missing one: recompute the forward)."""
     points = FlatPoints(x, cond)
     flat_tangents = _flat_tangents(tangents, points)
+    kept = kept_layers(mode, points.n, weights, states) if states is not None and states.numel() > 0 else None
     d_in, d_out = x.shape[-1], weights[-1].shape[0]
     grad_y = grad_y.reshape(points.n, d_out)
     grad_out = grad_out.reshape(output_shape(mode, (points.n,), d_in, d_out, tangents))
@@ -152,7 +175,7 @@ def backward(mode, grad_y, grad_out, x, cond, weights, biases, activations, acti
         g = reference.backward(
             mode, grad_y[rows], grad_out[rows], points.x[rows], points.cond_rows(rows), weights, biases,
             activations, activation_params, skip_layers, None if flat_tangents is None else flat_tangents[rows],
-            differentiable=False)
+            differentiable=False, kept=None if kept is None else [layer[:, rows] for layer in kept])
         grad_x[rows] = g.x
         own = sums[worker]
         points.add_cond_grad(own[-1] if shared_cond else grad_cond, rows, g.cond)

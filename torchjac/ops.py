@@ -6,7 +6,10 @@ The schemas live in csrc/ops.cpp. For every mode there is a forward op
 - the pure-PyTorch kernels (torchjac/kernels.py) are registered under
   CompositeExplicitAutograd, so they serve every device that has no fused
   kernel; fused CUDA kernels register under CUDA and take precedence;
-- the forward op's autograd calls the backward op;
+- the forward op's autograd calls the backward op, passing it the forward's
+  ``states`` (keep_states): what the backward reuses instead of recomputing. The
+  pure-PyTorch reverse mode keeps its layers' pre-activations; the other modes
+  and the fused kernels return ``states`` empty and recompute;
 - the backward op's autograd (double backward) is autograd through the
   reference reverse pass, torchjac/reference.py.
 """
@@ -97,30 +100,54 @@ def _check_kernel_dtype(op, x):
 
 # ---- the pieces every op is registered from; `op` names the op in errors
 
-def _forward_kernel(op, mode, x, cond, weights, biases, activations, activation_params, skip_layers, *extra):
+def _runs_pure_path(op, x) -> bool:
+    """Whether op runs the pure-PyTorch kernels on x's device, rather than a fused kernel."""
+    key = x.device.type.upper()
+    return key == "CPU" or not torch._C._dispatch_has_kernel_for_dispatch_key(f"torchjac::{op}", key)
+
+
+def _forward_kernel(op, mode, x, cond, weights, biases, activations, activation_params, skip_layers, *extra,
+                    keep_states):
     check_mlp_args(op, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
     _check_kernel_dtype(op, x)
-    return kernels.forward(mode, x, cond, weights, biases, activations, activation_params, skip_layers, *extra)
+    return kernels.forward(mode, x, cond, weights, biases, activations, activation_params, skip_layers, *extra,
+                           keep_states=keep_states)
 
 
-def _forward_fake(op, mode, x, cond, weights, biases, activations, activation_params, skip_layers, *extra):
+def _forward_fake(op, mode, x, cond, weights, biases, activations, activation_params, skip_layers, *extra,
+                  keep_states):
     check_mlp_args(op, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
     lead, d_out = x.shape[:-1], weights[-1].shape[0]
-    return (x.new_empty((*lead, d_out)),
-            x.new_empty(output_shape(mode, lead, x.shape[-1], d_out, extra[0] if extra else None)))
+    tangents = extra[0] if extra else None
+    n_states = kernels.states_size(mode, x, weights) if keep_states and _runs_pure_path(op, x) else 0
+    return (x.new_empty((*lead, d_out)), x.new_empty(output_shape(mode, lead, x.shape[-1], d_out, tangents)),
+            x.new_empty(n_states))
+
+
+def _check_states(op, mode, x, weights, states):
+    """states: None, empty (recompute) or the forward's own, with as many elements as it keeps."""
+    if states is None or states.numel() == 0:
+        return
+    expected = kernels.states_size(mode, x, weights)
+    if states.dim() != 1 or states.numel() != expected or states.dtype != x.dtype or states.device != x.device:
+        raise ValueError(f"torchjac.{op}: states expected the forward op's states, a 1-dim {x.dtype} tensor of "
+                         f"{expected} elements on {x.device}, or None; got shape {tuple(states.shape)}, "
+                         f"dtype {states.dtype} on {states.device}")
 
 
 def _backward_kernel(op, mode, grad_y, grad_out, x, cond, weights, biases, activations, activation_params,
-                     skip_layers, *extra):
+                     skip_layers, *extra, states):
     check_mlp_args(op, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
     _check_kernel_dtype(op, x)
+    _check_states(op, mode, x, weights, states)
     return kernels.backward(mode, grad_y, grad_out, x, cond, weights, biases, activations, activation_params,
-                            skip_layers, *extra)
+                            skip_layers, *extra, states=states)
 
 
 def _backward_fake(op, mode, grad_y, grad_out, x, cond, weights, biases, activations, activation_params,
-                   skip_layers, *extra):
+                   skip_layers, *extra, states):
     check_mlp_args(op, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
+    _check_states(op, mode, x, weights, states)
     # The kernels return contiguous gradients.
     grads = (x.new_empty(x.shape), cond.new_empty(cond.shape), [w.new_empty(w.shape) for w in weights],
              [b.new_empty(b.shape) for b in biases])
@@ -129,17 +156,20 @@ def _backward_fake(op, mode, grad_y, grad_out, x, cond, weights, biases, activat
     return grads
 
 
-def _save(ctx, mode, leading, weights, biases, static, extra):
+def _save(ctx, mode, leading, weights, biases, static, extra, states=None):
     """Saves an op's tensors for its backward; `leading` are the tensors before the weights."""
     ctx.mode, ctx.n_leading, ctx.n_layers = mode, len(leading), len(weights)
     ctx.mlp = tuple(list(a) for a in static)  # activations, activation_params, skip_layers
-    ctx.save_for_backward(*leading, *weights, *biases, *extra)
+    ctx.has_states = states is not None
+    ctx.save_for_backward(*leading, *weights, *biases, *extra, *([states] if ctx.has_states else []))
 
 
 def _load(ctx):
-    """(leading tensors, weights, biases, extra tensors) saved by _save."""
+    """(leading tensors, weights, biases, extra tensors, states or None) saved by _save."""
     saved, n, m = ctx.saved_tensors, ctx.n_leading, ctx.n_layers
-    return saved[:n], list(saved[n:n + m]), list(saved[n + m:n + 2 * m]), saved[n + 2 * m:]
+    states = saved[-1] if ctx.has_states else None
+    extra = saved[n + 2 * m:len(saved) - ctx.has_states]
+    return saved[:n], list(saved[n:n + m]), list(saved[n + m:n + 2 * m]), extra, states
 
 
 def _extra_grad(mode, grad):
@@ -147,39 +177,58 @@ def _extra_grad(mode, grad):
     return (grad if mode in _DIFFERENTIABLE_EXTRA else None,) if EXTRA_INPUT[mode] is not None else ()
 
 
-def _forward_backward(ctx, grad_y, grad_out):
-    """Gradients of a forward op: (x, cond, weights, biases, static args..., extra)."""
-    (x, cond), weights, biases, extra = _load(ctx)
-    grads = backward_op(ctx.mode)(grad_y, grad_out, x, cond, weights, biases, *ctx.mlp, *extra)
-    return (grads[0], grads[1], list(grads[2]), list(grads[3]), *_no_grad(ctx.mlp),
-            *_extra_grad(ctx.mode, grads[4] if len(grads) > 4 else None))
+def _as_passed(ctx, grads):
+    """grads for the arguments the call passed: the dispatcher drops trailing ones equal to their default."""
+    return tuple(grads[:len(ctx.needs_input_grad)])
+
+
+def _forward_backward(ctx, grad_y, grad_out, _grad_states=None):
+    """Gradients of a forward op: (x, cond, weights, biases, static args..., extra, keep_states)."""
+    (x, cond), weights, biases, extra, states = _load(ctx)
+    grads = backward_op(ctx.mode)(grad_y, grad_out, x, cond, weights, biases, *ctx.mlp, *extra, states)
+    return _as_passed(ctx, (grads[0], grads[1], list(grads[2]), list(grads[3]), *_no_grad(ctx.mlp),
+                            *_extra_grad(ctx.mode, grads[4] if len(grads) > 4 else None), None))
 
 
 def _backward_backward(ctx, gg_x, gg_cond, gg_weights, gg_biases, *gg_extra):
-    """Gradients of a backward op: (grad_y, grad_out, x, cond, weights, biases, static args..., extra)."""
-    (grad_y, grad_out, x, cond), weights, biases, extra = _load(ctx)
+    """Gradients of a backward op: (grad_y, grad_out, x, cond, weights, biases, static args..., extra, states)."""
+    (grad_y, grad_out, x, cond), weights, biases, extra, _ = _load(ctx)
     gy, gout, gx, gcond, gw, gb, *g_extra = double_backward(
         ctx.mode, ctx.mlp, (grad_y, grad_out, x, cond, weights, biases, *extra),
         (gg_x, gg_cond, gg_weights, gg_biases, *gg_extra))
-    return (gy, gout, gx, gcond, gw, gb, *_no_grad(ctx.mlp), *_extra_grad(ctx.mode, g_extra[0] if g_extra else None))
+    return _as_passed(ctx, (gy, gout, gx, gcond, gw, gb, *_no_grad(ctx.mlp),
+                            *_extra_grad(ctx.mode, g_extra[0] if g_extra else None), None))
+
+
+def _with_trailing(fn, n_args, keyword, default):
+    """fn(*args[:n_args], keyword=...): the schemas' last argument, keep_states or states, has a default, and a
+    call may pass it positionally, by name or not at all."""
+    def call(*args, **kwargs):
+        value = args[n_args] if len(args) > n_args else kwargs.get(keyword, default)
+        return fn(*args[:n_args], **{keyword: value})
+    return call
 
 
 def _register(mode):
     name, bwd_name = f"mlp_{mode}", f"mlp_{mode}_backward"
 
     def fwd_setup(ctx, inputs, output):
-        x, cond, weights, biases, *static_and_extra = inputs
-        _save(ctx, mode, (x, cond), weights, biases, static_and_extra[:3], static_and_extra[3:])
+        x, cond, weights, biases, *static_and_extra, _keep_states = inputs
+        ctx.mark_non_differentiable(output[2])
+        _save(ctx, mode, (x, cond), weights, biases, static_and_extra[:3], static_and_extra[3:], output[2])
 
     def bwd_setup(ctx, inputs, output):
-        grad_y, grad_out, x, cond, weights, biases, *static_and_extra = inputs
+        grad_y, grad_out, x, cond, weights, biases, *static_and_extra, _states = inputs
         _save(ctx, mode, (grad_y, grad_out, x, cond), weights, biases, static_and_extra[:3], static_and_extra[3:])
 
-    for op, kernel, fake, backward, setup in (
-            (name, _forward_kernel, _forward_fake, _forward_backward, fwd_setup),
-            (bwd_name, _backward_kernel, _backward_fake, _backward_backward, bwd_setup)):
-        torch.library.impl(f"torchjac::{op}", "CompositeExplicitAutograd")(functools.partial(kernel, op, mode))
-        torch.library.register_fake(f"torchjac::{op}")(functools.partial(fake, op, mode))
+    n_extra = EXTRA_INPUT[mode] is not None
+    for op, kernel, fake, backward, setup, n_args, last, default in (
+            (name, _forward_kernel, _forward_fake, _forward_backward, fwd_setup, 7 + n_extra, "keep_states", False),
+            (bwd_name, _backward_kernel, _backward_fake, _backward_backward, bwd_setup, 9 + n_extra, "states", None)):
+        torch.library.impl(f"torchjac::{op}", "CompositeExplicitAutograd")(
+            _with_trailing(functools.partial(kernel, op, mode), n_args, last, default))
+        torch.library.register_fake(f"torchjac::{op}")(
+            _with_trailing(functools.partial(fake, op, mode), n_args, last, default))
         torch.library.register_autograd(f"torchjac::{op}", backward, setup_context=setup)
 
 
@@ -269,46 +318,55 @@ def _register_reference_ops():
     Below autograd they run the pure-PyTorch kernels directly, never a fused one."""
     fwd, bwd = "mlp_reference_forward", "mlp_reference_backward"
 
-    def fwd_kernel(mode, *args, tangents):
-        return _forward_kernel(fwd, mode, *args, *_reference_extra(fwd, mode, tangents))
+    def fwd_kernel(mode, *args, tangents, keep_states):
+        return _forward_kernel(fwd, mode, *args, *_reference_extra(fwd, mode, tangents), keep_states=keep_states)
 
-    def fwd_fake(mode, *args, tangents):
-        return _forward_fake(fwd, mode, *args, *_reference_extra(fwd, mode, tangents))
+    def fwd_fake(mode, *args, tangents, keep_states):
+        return _forward_fake(fwd, mode, *args, *_reference_extra(fwd, mode, tangents), keep_states=keep_states)
 
-    def bwd_kernel(mode, *args, tangents):
-        grads = _backward_kernel(bwd, mode, *args, *_reference_extra(bwd, mode, tangents))
+    def bwd_kernel(mode, *args, tangents, states):
+        grads = _backward_kernel(bwd, mode, *args, *_reference_extra(bwd, mode, tangents), states=states)
         return (*grads[:4], grads[4] if len(grads) > 4 else args[2].new_empty(0))
 
-    def bwd_fake(mode, *args, tangents):
-        grads = _backward_fake(bwd, mode, *args, *_reference_extra(bwd, mode, tangents))
+    def bwd_fake(mode, *args, tangents, states):
+        grads = _backward_fake(bwd, mode, *args, *_reference_extra(bwd, mode, tangents), states=states)
         return (*grads[:4], grads[4] if len(grads) > 4 else args[2].new_empty(0))
 
     def fwd_setup(ctx, inputs, output):
-        mode, x, cond, weights, biases, *static, tangents = inputs
-        _save(ctx, mode, (x, cond), weights, biases, static, () if tangents is None else (tangents,))
+        mode, x, cond, weights, biases, *static, tangents, _keep_states = inputs
+        ctx.mark_non_differentiable(output[2])
+        _save(ctx, mode, (x, cond), weights, biases, static, () if tangents is None else (tangents,), output[2])
 
     def bwd_setup(ctx, inputs, output):
-        mode, grad_y, grad_out, x, cond, weights, biases, *static, tangents = inputs
+        mode, grad_y, grad_out, x, cond, weights, biases, *static, tangents, _states = inputs
         _save(ctx, mode, (grad_y, grad_out, x, cond), weights, biases, static,
               () if tangents is None else (tangents,))
 
-    def fwd_backward(ctx, grad_y, grad_out):
-        grads = _forward_backward(ctx, grad_y, grad_out)
-        return (None, *grads) if EXTRA_INPUT[ctx.mode] is not None else (None, *grads, None)
+    def by_position(ctx, grads, n_before_tangents):
+        """(mode, *grads of the per-mode op), with the tangents' grad (None) where the mode has none."""
+        if EXTRA_INPUT[ctx.mode] is None:
+            grads = (*grads[:n_before_tangents], None, *grads[n_before_tangents:])
+        return _as_passed(ctx, (None, *grads))
+
+    def fwd_backward(ctx, grad_y, grad_out, _grad_states=None):
+        return by_position(ctx, _forward_backward(ctx, grad_y, grad_out), 7)
 
     def bwd_backward(ctx, gg_x, gg_cond, gg_weights, gg_biases, gg_tangents):
         gg_extra = (gg_tangents,) if ctx.mode in _DIFFERENTIABLE_EXTRA else ()
-        grads = _backward_backward(ctx, gg_x, gg_cond, gg_weights, gg_biases, *gg_extra)
-        return (None, *grads) if EXTRA_INPUT[ctx.mode] is not None else (None, *grads, None)
+        return by_position(ctx, _backward_backward(ctx, gg_x, gg_cond, gg_weights, gg_biases, *gg_extra), 9)
 
-    def positional(fn):
-        """The schemas pass tangents last and positionally."""
-        return lambda mode, *args: fn(mode, *args[:-1], tangents=args[-1])
+    def positional(fn, n_args, last, default):
+        """The schemas pass tangents positionally after the MLP arguments (n_args in all, mode included)."""
+        def call(mode, *args, **kwargs):
+            return fn(mode, *args[:n_args - 2], tangents=args[n_args - 2],
+                      **{last: args[n_args - 1] if len(args) >= n_args else kwargs.get(last, default)})
+        return call
 
-    for op, kernel, fake, backward, setup in ((fwd, fwd_kernel, fwd_fake, fwd_backward, fwd_setup),
-                                               (bwd, bwd_kernel, bwd_fake, bwd_backward, bwd_setup)):
-        torch.library.impl(f"torchjac::{op}", "CompositeExplicitAutograd")(positional(kernel))
-        torch.library.register_fake(f"torchjac::{op}")(positional(fake))
+    for op, kernel, fake, backward, setup, n_args, last, default in (
+            (fwd, fwd_kernel, fwd_fake, fwd_backward, fwd_setup, 9, "keep_states", False),
+            (bwd, bwd_kernel, bwd_fake, bwd_backward, bwd_setup, 11, "states", None)):
+        torch.library.impl(f"torchjac::{op}", "CompositeExplicitAutograd")(positional(kernel, n_args, last, default))
+        torch.library.register_fake(f"torchjac::{op}")(positional(fake, n_args, last, default))
         torch.library.register_autograd(f"torchjac::{op}", backward, setup_context=setup)
 
 

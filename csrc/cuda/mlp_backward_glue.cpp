@@ -56,7 +56,8 @@ struct BackwardInputs {
 
 using ReferenceSignature = JvpGrads(c10::string_view, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     const at::Tensor&, at::TensorList, at::TensorList, at::IntArrayRef,
-                                    at::ArrayRef<double>, at::IntArrayRef, const std::optional<at::Tensor>&);
+                                    at::ArrayRef<double>, at::IntArrayRef, const std::optional<at::Tensor>&,
+                                    const std::optional<at::Tensor>&);
 
 JvpGrads reference_backward(MlpMode mode, const BackwardInputs& in, const char* reason) {
   TORCH_WARN_ONCE("torchjac: the fused CUDA backward kernels do not cover this call (", reason,
@@ -73,7 +74,7 @@ JvpGrads reference_backward(MlpMode mode, const BackwardInputs& in, const char* 
   std::optional<at::Tensor> tangents;
   if (m.tangents != nullptr) tangents = *m.tangents;
   return op.call(torchjac::glue::mode_name(mode), in.grad_y, in.grad_out, m.x, m.cond, m.weights, m.biases,
-                 m.activations, m.activation_params, m.skip_layers, tangents);
+                 m.activations, m.activation_params, m.skip_layers, tangents, /*states=*/std::nullopt);
 }
 
 // Checks every shape, device and dtype; returns d_out.
@@ -168,7 +169,7 @@ Grads without_tangents(JvpGrads grads) {
 Grads mlp_jacobian_backward_cuda(const at::Tensor& grad_y, const at::Tensor& grad_jac, const at::Tensor& x,
                                  const at::Tensor& cond, at::TensorList weights, at::TensorList biases,
                                  at::IntArrayRef activations, at::ArrayRef<double> activation_params,
-                                 at::IntArrayRef skip_layers) {
+                                 at::IntArrayRef skip_layers, const std::optional<at::Tensor>& /*states*/) {
   return without_tangents(backward(MlpMode::kJacobian, {grad_y, grad_jac, {x, cond, weights, biases, activations,
                                                         activation_params, skip_layers, nullptr}}));
 }
@@ -176,7 +177,7 @@ Grads mlp_jacobian_backward_cuda(const at::Tensor& grad_y, const at::Tensor& gra
 Grads mlp_divergence_backward_cuda(const at::Tensor& grad_y, const at::Tensor& grad_div, const at::Tensor& x,
                                    const at::Tensor& cond, at::TensorList weights, at::TensorList biases,
                                    at::IntArrayRef activations, at::ArrayRef<double> activation_params,
-                                   at::IntArrayRef skip_layers) {
+                                   at::IntArrayRef skip_layers, const std::optional<at::Tensor>& /*states*/) {
   return without_tangents(backward(MlpMode::kDivergence, {grad_y, grad_div, {x, cond, weights, biases, activations,
                                                           activation_params, skip_layers, nullptr}}));
 }
@@ -184,7 +185,8 @@ Grads mlp_divergence_backward_cuda(const at::Tensor& grad_y, const at::Tensor& g
 JvpGrads mlp_jvp_backward_cuda(const at::Tensor& grad_y, const at::Tensor& grad_jvp, const at::Tensor& x,
                                const at::Tensor& cond, at::TensorList weights, at::TensorList biases,
                                at::IntArrayRef activations, at::ArrayRef<double> activation_params,
-                               at::IntArrayRef skip_layers, const at::Tensor& tangents) {
+                               at::IntArrayRef skip_layers, const at::Tensor& tangents,
+                               const std::optional<at::Tensor>& /*states*/) {
   return backward(MlpMode::kJvp, {grad_y, grad_jvp, {x, cond, weights, biases, activations, activation_params,
                                                     skip_layers, &tangents}});
 }
@@ -192,7 +194,8 @@ JvpGrads mlp_jvp_backward_cuda(const at::Tensor& grad_y, const at::Tensor& grad_
 Grads mlp_hutchinson_backward_cuda(const at::Tensor& grad_y, const at::Tensor& grad_div, const at::Tensor& x,
                                    const at::Tensor& cond, at::TensorList weights, at::TensorList biases,
                                    at::IntArrayRef activations, at::ArrayRef<double> activation_params,
-                                   at::IntArrayRef skip_layers, const at::Tensor& noise) {
+                                   at::IntArrayRef skip_layers, const at::Tensor& noise,
+                                   const std::optional<at::Tensor>& /*states*/) {
   return without_tangents(backward(MlpMode::kHutchinson, {grad_y, grad_div, {x, cond, weights, biases, activations,
                                                           activation_params, skip_layers, &noise}}));
 }

@@ -6,6 +6,9 @@
 // is in csrc/ops.cpp; its kernel, the pure-PyTorch path, is registered under
 // CompositeExplicitAutograd by torchjac/ops.py when the package is imported.
 //
+// The fused kernels keep no states for the backward, which recomputes on chip:
+// the states output is always empty here, whatever keep_states asks.
+//
 // Argument errors raise ValueError/TypeError with the messages of the Python
 // checks in torchjac/ops.py (check_mlp_args), so both paths read alike
 // (glue_common.h, shared with the backward glue).
@@ -29,11 +32,11 @@ namespace {
 
 using torchjac::cuda::MlpMode;
 using torchjac::glue::MlpInputs;
-using Outputs = std::tuple<at::Tensor, at::Tensor>;
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // y, out, states
 
 using ReferenceSignature = Outputs(c10::string_view, const at::Tensor&, const at::Tensor&, at::TensorList,
                                    at::TensorList, at::IntArrayRef, at::ArrayRef<double>, at::IntArrayRef,
-                                   const std::optional<at::Tensor>&);
+                                   const std::optional<at::Tensor>&, bool);
 
 Outputs reference_forward(MlpMode mode, const MlpInputs& in, const char* reason) {
   TORCH_WARN_ONCE("torchjac: the fused CUDA forward kernels do not cover this call (", reason,
@@ -49,8 +52,10 @@ Outputs reference_forward(MlpMode mode, const MlpInputs& in, const char* reason)
   std::optional<at::Tensor> tangents;
   if (in.tangents != nullptr) tangents = *in.tangents;
   return op.call(torchjac::glue::mode_name(mode), in.x, in.cond, in.weights, in.biases, in.activations,
-                 in.activation_params, in.skip_layers, tangents);
+                 in.activation_params, in.skip_layers, tangents, /*keep_states=*/false);
 }
+
+at::Tensor no_states(const at::Tensor& x) { return at::empty({0}, x.options()); }
 
 Outputs forward(MlpMode mode, const MlpInputs& in) {
   const std::string op_prefix = std::string("torchjac.mlp_") + torchjac::glue::mode_name(mode) + ": ";
@@ -66,7 +71,7 @@ Outputs forward(MlpMode mode, const MlpInputs& in) {
   std::vector<int64_t> out_shape(lead.begin(), lead.end());
   if (mode == MlpMode::kJacobian) out_shape.insert(out_shape.end(), {d_out, d_in});
   if (mode == MlpMode::kJvp) out_shape.insert(out_shape.end(), {k, d_out});
-  if (num_points == 0) return {at::empty(y_shape, x.options()), at::empty(out_shape, x.options())};
+  if (num_points == 0) return {at::empty(y_shape, x.options()), at::empty(out_shape, x.options()), no_states(x)};
 
   const c10::cuda::CUDAGuard guard(x.device());
   torchjac::glue::MlpShapes shapes;
@@ -90,33 +95,34 @@ Outputs forward(MlpMode mode, const MlpInputs& in) {
     args.workspace = workspace.data_ptr();
   }
   C10_CUDA_CHECK(torchjac::cuda::mlp_forward_launch(args, plan, c10::cuda::getCurrentCUDAStream()));
-  return {y, out};
+  return {y, out, no_states(x)};
 }
 
 Outputs mlp_jacobian_cuda(const at::Tensor& x, const at::Tensor& cond, at::TensorList weights, at::TensorList biases,
                           at::IntArrayRef activations, at::ArrayRef<double> activation_params,
-                          at::IntArrayRef skip_layers) {
+                          at::IntArrayRef skip_layers, bool /*keep_states*/) {
   return forward(MlpMode::kJacobian,
                  {x, cond, weights, biases, activations, activation_params, skip_layers, nullptr});
 }
 
 Outputs mlp_divergence_cuda(const at::Tensor& x, const at::Tensor& cond, at::TensorList weights,
                             at::TensorList biases, at::IntArrayRef activations,
-                            at::ArrayRef<double> activation_params, at::IntArrayRef skip_layers) {
+                            at::ArrayRef<double> activation_params, at::IntArrayRef skip_layers,
+                            bool /*keep_states*/) {
   return forward(MlpMode::kDivergence,
                  {x, cond, weights, biases, activations, activation_params, skip_layers, nullptr});
 }
 
 Outputs mlp_jvp_cuda(const at::Tensor& x, const at::Tensor& cond, at::TensorList weights, at::TensorList biases,
                      at::IntArrayRef activations, at::ArrayRef<double> activation_params,
-                     at::IntArrayRef skip_layers, const at::Tensor& tangents) {
+                     at::IntArrayRef skip_layers, const at::Tensor& tangents, bool /*keep_states*/) {
   return forward(MlpMode::kJvp, {x, cond, weights, biases, activations, activation_params, skip_layers, &tangents});
 }
 
 Outputs mlp_hutchinson_cuda(const at::Tensor& x, const at::Tensor& cond, at::TensorList weights,
                             at::TensorList biases, at::IntArrayRef activations,
                             at::ArrayRef<double> activation_params, at::IntArrayRef skip_layers,
-                            const at::Tensor& noise) {
+                            const at::Tensor& noise, bool /*keep_states*/) {
   return forward(MlpMode::kHutchinson,
                  {x, cond, weights, biases, activations, activation_params, skip_layers, &noise});
 }
