@@ -170,7 +170,7 @@ def fused_method(mode, mlp):
 
     def run(x, extra):
         args = (x, x.new_zeros(x.shape[0], 0), *mlp) + ((extra,) if mode in ("hutchinson", "jvp") else ())
-        return op(*args)  # (y, out): both count as outputs
+        return op(*args)  # (y, out, states): all count as outputs
     return run
 
 

@@ -17,9 +17,9 @@
 // gradients w.r.t. x, cond, weights, biases (and tangents for jvp).
 //
 // keep_states asks the forward for `states`, what its backward may reuse instead
-// of recomputing: the pure-PyTorch path keeps each layer's pre-activation rows
-// (torchjac/reference.py, kept_shapes); a fused kernel returns it empty and
-// recomputes on chip. The backward op takes that tensor, or None or an empty one
+// of recomputing: the pure-PyTorch reverse mode keeps each layer's pre-activation
+// z (torchjac/reference.py, kept_shapes); the other modes and the fused kernels
+// return it empty and recompute. The backward op takes that tensor, or None or an empty one
 // to recompute.
 #include <torch/library.h>
 

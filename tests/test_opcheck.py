@@ -92,11 +92,13 @@ def test_ops_keeping_states(mode):
     assert states.numel() == (0 if mode == "jacobian" else 6 * (6 + 5 + 1))  # the reverse mode keeps each z
     grad_y = torch.randn_like(y).requires_grad_()
     grad_out = torch.randn_like(out).requires_grad_()
+    # Schema and fake kernel only: opcheck's autograd checks of a backward op run double backward, which
+    # test_backward_op covers and which recomputes without the states.
     torch.library.opcheck(getattr(torch.ops.torchjac, f"mlp_{mode}_backward").default,
                           (grad_y, grad_out, *args, states), test_utils=("test_schema", "test_faketensor"))
 
 
-def test_backward_op_rejects_states_of_another_call():
+def test_backward_op_rejects_states_of_the_wrong_size():
     args = sample_inputs("jacobian_reverse")
     y, out, states = torch.ops.torchjac.mlp_jacobian_reverse(*args, True)
     with pytest.raises(ValueError, match=r"mlp_jacobian_reverse_backward: states expected .* 72 elements"):

@@ -311,3 +311,16 @@ def test_chunks_are_cut_for_every_worker(monkeypatch):
     assert kernels.rows_per_chunk("jacobian_reverse", x, weights, None) == 4096 // 32 < cache_sized
     small = torch.zeros(cache_sized, 3)  # one chunk: run whole, multi-threaded ops
     assert kernels.rows_per_chunk("jacobian_reverse", small, weights, None) == cache_sized
+
+
+def test_reference_backward_refuses_kept_states_under_autograd():
+    """Kept z would be constants to autograd (double backward), silently dropping their dependence on x and W."""
+    from torchjac import reference
+    x, cond = torch.randn(4, 3, dtype=torch.float64), torch.zeros(4, 0, dtype=torch.float64)
+    w, b = [torch.randn(5, 3, dtype=torch.float64), torch.randn(1, 5, dtype=torch.float64)], \
+        [torch.zeros(5, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]
+    kept = [torch.zeros(1, 4, 5, dtype=torch.float64), torch.zeros(1, 4, 1, dtype=torch.float64)]
+    with pytest.raises(ValueError, match="differentiable=True pass kept=None"):
+        reference.backward("jacobian_reverse", torch.ones(4, 1, dtype=torch.float64),
+                           torch.ones(4, 1, 3, dtype=torch.float64), x, cond, w, b, [7, 0], [0.0] * 4, [],
+                           kept=kept)

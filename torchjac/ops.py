@@ -100,12 +100,6 @@ def _check_kernel_dtype(op, x):
 
 # ---- the pieces every op is registered from; `op` names the op in errors
 
-def _runs_pure_path(op, x) -> bool:
-    """Whether op runs the pure-PyTorch kernels on x's device, rather than a fused kernel."""
-    key = x.device.type.upper()
-    return key == "CPU" or not torch._C._dispatch_has_kernel_for_dispatch_key(f"torchjac::{op}", key)
-
-
 def _forward_kernel(op, mode, x, cond, weights, biases, activations, activation_params, skip_layers, *extra,
                     keep_states):
     check_mlp_args(op, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
@@ -119,7 +113,8 @@ def _forward_fake(op, mode, x, cond, weights, biases, activations, activation_pa
     check_mlp_args(op, x, cond, weights, biases, activations, activation_params, skip_layers, *extra, mode=mode)
     lead, d_out = x.shape[:-1], weights[-1].shape[0]
     tangents = extra[0] if extra else None
-    n_states = kernels.states_size(mode, x, weights) if keep_states and _runs_pure_path(op, x) else 0
+    # Only the pure-PyTorch reverse mode keeps states, and no fused kernel serves that mode.
+    n_states = kernels.states_size(mode, x, weights) if keep_states else 0
     return (x.new_empty((*lead, d_out)), x.new_empty(output_shape(mode, lead, x.shape[-1], d_out, tangents)),
             x.new_empty(n_states))
 

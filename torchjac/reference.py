@@ -51,9 +51,9 @@ def kept_shapes(mode: str, n_points: int, weights):
     """Shape (1, P, out_i) of the pre-activations z the forward keeps of each layer for the backward; [] if none.
 
     Only the reverse mode keeps them: its backward, a jvp pass, then multiplies just its tangent rows, which
-    made an IGR-style 3-512x8-1 eikonal step 10% faster on a 2-core CPU. The forward modes recompute: keeping
-    their z (or all their rows) made the 3-128x4-3 Jacobian penalty step slower there, as writing and reading
-    the kept rows cost more than the GEMMs of 128-wide layers they save.
+    made an IGR-style 3-512x8-1 eikonal step 8-10% faster on a 2-core CPU (bench/bench_kept_states.py). The
+    forward modes recompute: keeping their z (or all their rows) made the 3-128x4-3 Jacobian penalty step
+    slower there in two tries, writing and reading the kept values costing more than the 128-wide GEMMs.
     """
     if mode != "jacobian_reverse":
         return []
@@ -129,7 +129,7 @@ def _propagate(x, cond, weights, biases, activations, activation_params, skip_la
         else:
             n_h = rows.shape[2]
             src = rows if known is None else rows[1:]
-            zr = src.reshape(-1, n_h) @ w[:, :n_h].t()  # one GEMM for the value row and all tangent rows
+            zr = src.reshape(-1, n_h) @ w[:, :n_h].t()  # one GEMM: the value row (unless kept), all tangent rows
             zr = zr.view(src.shape[0], n_points, w.shape[0])
             if known is None:
                 z = zr[0].add_(b) if not differentiable else zr[0] + b
@@ -239,9 +239,13 @@ def backward(mode, grad_y, grad_out, x, cond, weights: Sequence[torch.Tensor], b
              activation_params, skip_layers, tangents=None, *, differentiable=True, kept=None) -> Grads:
     """Gradients of <grad_y, y> + <grad_out, out> w.r.t. x, cond, weights, biases and jvp tangents.
 
-    kept: the forward's pre-activation rows (forward's keep_into), or None to recompute them.
-    With ``differentiable=True`` (double backward) autograd can run through it.
+    kept: the forward's pre-activations (forward's keep_into), or None to recompute them.
+    With ``differentiable=True`` (double backward) autograd can run through it; kept z would be constants
+    there, cutting their dependence on x and the weights, so that takes none.
     """
+    if differentiable and kept is not None:
+        raise ValueError("reference.backward: kept pre-activations are constants to autograd; with "
+                         "differentiable=True pass kept=None, so the forward is recomputed")
     if mode == "jacobian_reverse":  # <grad_out, J> = sum_j (J grad_out_j)_j: a jvp with one tangent per output
         d_out = grad_out.shape[1]
         eye = torch.eye(d_out, dtype=x.dtype, device=x.device).expand(x.shape[0], d_out, d_out)
