@@ -32,9 +32,10 @@ class _Fused(NamedTuple):
     def call(self, mode: str, *extra):
         """(y, out) of the op mlp_<mode>. When autograd will need its backward, the op keeps the states that
         backward reuses (the pure-PyTorch reverse mode's pre-activations z), as autograd keeps a graph's."""
-        x, cond, weights, biases, *_ = self.args()
+        args = self.args()
+        x, cond, weights, biases, *_ = args
         keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x, cond, *weights, *biases, *extra))
-        y, out, _states = getattr(torch.ops.torchjac, f"mlp_{mode}")(*self.args(), *extra, keep)
+        y, out, _states = getattr(torch.ops.torchjac, f"mlp_{mode}")(*args, *extra, keep)
         return y, out
 
     def output(self, y: torch.Tensor) -> torch.Tensor:

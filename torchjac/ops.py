@@ -172,17 +172,20 @@ def _extra_grad(mode, grad):
     return (grad if mode in _DIFFERENTIABLE_EXTRA else None,) if EXTRA_INPUT[mode] is not None else ()
 
 
-def _as_passed(ctx, grads):
-    """grads for the arguments the call passed: the dispatcher drops trailing ones equal to their default."""
-    return tuple(grads[:len(ctx.needs_input_grad)])
+def _as_passed(backward):
+    """backward's gradients for the arguments the call passed: the dispatcher drops trailing arguments equal
+    to their default (keep_states, states), and autograd wants one gradient per argument passed."""
+    def call(ctx, *grads):
+        return tuple(backward(ctx, *grads)[:len(ctx.needs_input_grad)])
+    return call
 
 
 def _forward_backward(ctx, grad_y, grad_out, _grad_states=None):
     """Gradients of a forward op: (x, cond, weights, biases, static args..., extra, keep_states)."""
     (x, cond), weights, biases, extra, states = _load(ctx)
     grads = backward_op(ctx.mode)(grad_y, grad_out, x, cond, weights, biases, *ctx.mlp, *extra, states)
-    return _as_passed(ctx, (grads[0], grads[1], list(grads[2]), list(grads[3]), *_no_grad(ctx.mlp),
-                            *_extra_grad(ctx.mode, grads[4] if len(grads) > 4 else None), None))
+    return (grads[0], grads[1], list(grads[2]), list(grads[3]), *_no_grad(ctx.mlp),
+            *_extra_grad(ctx.mode, grads[4] if len(grads) > 4 else None), None)
 
 
 def _backward_backward(ctx, gg_x, gg_cond, gg_weights, gg_biases, *gg_extra):
@@ -191,16 +194,22 @@ def _backward_backward(ctx, gg_x, gg_cond, gg_weights, gg_biases, *gg_extra):
     gy, gout, gx, gcond, gw, gb, *g_extra = double_backward(
         ctx.mode, ctx.mlp, (grad_y, grad_out, x, cond, weights, biases, *extra),
         (gg_x, gg_cond, gg_weights, gg_biases, *gg_extra))
-    return _as_passed(ctx, (gy, gout, gx, gcond, gw, gb, *_no_grad(ctx.mlp),
-                            *_extra_grad(ctx.mode, g_extra[0] if g_extra else None), None))
+    return (gy, gout, gx, gcond, gw, gb, *_no_grad(ctx.mlp), *_extra_grad(ctx.mode, g_extra[0] if g_extra else None),
+            None)
 
 
-def _with_trailing(fn, n_args, keyword, default):
-    """fn(*args[:n_args], keyword=...): the schemas' last argument, keep_states or states, has a default, and a
-    call may pass it positionally, by name or not at all."""
-    def call(*args, **kwargs):
-        value = args[n_args] if len(args) > n_args else kwargs.get(keyword, default)
-        return fn(*args[:n_args], **{keyword: value})
+def _schema_arguments(op):
+    return getattr(torch.ops.torchjac, op).default._schema.arguments
+
+
+def _with_trailing(fn, op):
+    """fn(*args, <last>=...) for the schema of op, whose last argument (keep_states or states) has a default:
+    the dispatcher passes it positionally, or drops it when it equals the default."""
+    arguments = _schema_arguments(op)
+    n_args, last = len(arguments) - 1, arguments[-1]
+
+    def call(*args):
+        return fn(*args[:n_args], **{last.name: args[n_args] if len(args) > n_args else last.default_value})
     return call
 
 
@@ -216,15 +225,13 @@ def _register(mode):
         grad_y, grad_out, x, cond, weights, biases, *static_and_extra, _states = inputs
         _save(ctx, mode, (grad_y, grad_out, x, cond), weights, biases, static_and_extra[:3], static_and_extra[3:])
 
-    n_extra = EXTRA_INPUT[mode] is not None
-    for op, kernel, fake, backward, setup, n_args, last, default in (
-            (name, _forward_kernel, _forward_fake, _forward_backward, fwd_setup, 7 + n_extra, "keep_states", False),
-            (bwd_name, _backward_kernel, _backward_fake, _backward_backward, bwd_setup, 9 + n_extra, "states", None)):
+    for op, kernel, fake, backward, setup in (
+            (name, _forward_kernel, _forward_fake, _forward_backward, fwd_setup),
+            (bwd_name, _backward_kernel, _backward_fake, _backward_backward, bwd_setup)):
         torch.library.impl(f"torchjac::{op}", "CompositeExplicitAutograd")(
-            _with_trailing(functools.partial(kernel, op, mode), n_args, last, default))
-        torch.library.register_fake(f"torchjac::{op}")(
-            _with_trailing(functools.partial(fake, op, mode), n_args, last, default))
-        torch.library.register_autograd(f"torchjac::{op}", backward, setup_context=setup)
+            _with_trailing(functools.partial(kernel, op, mode), op))
+        torch.library.register_fake(f"torchjac::{op}")(_with_trailing(functools.partial(fake, op, mode), op))
+        torch.library.register_autograd(f"torchjac::{op}", _as_passed(backward), setup_context=setup)
 
 
 def _no_grad(static_args):
@@ -337,32 +344,31 @@ def _register_reference_ops():
         _save(ctx, mode, (grad_y, grad_out, x, cond), weights, biases, static,
               () if tangents is None else (tangents,))
 
-    def by_position(ctx, grads, n_before_tangents):
-        """(mode, *grads of the per-mode op), with the tangents' grad (None) where the mode has none."""
+    # Where tangents sit among the per-mode op's arguments, which have no mode.
+    tangents_at = {op: [a.name for a in _schema_arguments(op)].index("tangents") - 1 for op in (fwd, bwd)}
+
+    def reference_grads(op, ctx, grads):
+        """(mode's, *grads of the per-mode op), with the tangents' (None) where the mode has none."""
         if EXTRA_INPUT[ctx.mode] is None:
-            grads = (*grads[:n_before_tangents], None, *grads[n_before_tangents:])
-        return _as_passed(ctx, (None, *grads))
+            grads = (*grads[:tangents_at[op]], None, *grads[tangents_at[op]:])
+        return (None, *grads)
 
     def fwd_backward(ctx, grad_y, grad_out, _grad_states=None):
-        return by_position(ctx, _forward_backward(ctx, grad_y, grad_out), 7)
+        return reference_grads(fwd, ctx, _forward_backward(ctx, grad_y, grad_out))
 
     def bwd_backward(ctx, gg_x, gg_cond, gg_weights, gg_biases, gg_tangents):
         gg_extra = (gg_tangents,) if ctx.mode in _DIFFERENTIABLE_EXTRA else ()
-        return by_position(ctx, _backward_backward(ctx, gg_x, gg_cond, gg_weights, gg_biases, *gg_extra), 9)
+        return reference_grads(bwd, ctx, _backward_backward(ctx, gg_x, gg_cond, gg_weights, gg_biases, *gg_extra))
 
-    def positional(fn, n_args, last, default):
-        """The schemas pass tangents positionally after the MLP arguments (n_args in all, mode included)."""
-        def call(mode, *args, **kwargs):
-            return fn(mode, *args[:n_args - 2], tangents=args[n_args - 2],
-                      **{last: args[n_args - 1] if len(args) >= n_args else kwargs.get(last, default)})
-        return call
+    def tangents_by_name(fn):
+        """The schemas pass tangents positionally, just before the trailing argument."""
+        return lambda mode, *args, **trailing: fn(mode, *args[:-1], tangents=args[-1], **trailing)
 
-    for op, kernel, fake, backward, setup, n_args, last, default in (
-            (fwd, fwd_kernel, fwd_fake, fwd_backward, fwd_setup, 9, "keep_states", False),
-            (bwd, bwd_kernel, bwd_fake, bwd_backward, bwd_setup, 11, "states", None)):
-        torch.library.impl(f"torchjac::{op}", "CompositeExplicitAutograd")(positional(kernel, n_args, last, default))
-        torch.library.register_fake(f"torchjac::{op}")(positional(fake, n_args, last, default))
-        torch.library.register_autograd(f"torchjac::{op}", backward, setup_context=setup)
+    for op, kernel, fake, backward, setup in ((fwd, fwd_kernel, fwd_fake, fwd_backward, fwd_setup),
+                                               (bwd, bwd_kernel, bwd_fake, bwd_backward, bwd_setup)):
+        torch.library.impl(f"torchjac::{op}", "CompositeExplicitAutograd")(_with_trailing(tangents_by_name(kernel), op))
+        torch.library.register_fake(f"torchjac::{op}")(_with_trailing(tangents_by_name(fake), op))
+        torch.library.register_autograd(f"torchjac::{op}", _as_passed(backward), setup_context=setup)
 
 
 for _mode in MODES:

@@ -150,9 +150,9 @@ def _propagate(x, cond, weights, biases, activations, activation_params, skip_la
         rows = _stack_rows(h, tz, scale, differentiable)
 
 
-def _pull_back(x, cond, weights, biases, activations, activation_params, skip_layers):
-    """The output value y (P, d_out), J (d_out, P, d_in) from d_out cotangent rows carried back, and each layer's
-    pre-activation z (P, out_i)."""
+def _pull_back(x, cond, weights, biases, activations, activation_params, skip_layers, keep_z=False):
+    """The output value y (P, d_out), J (d_out, P, d_in) from d_out cotangent rows carried back, and with keep_z
+    each layer's pre-activation z (P, out_i), else []."""
     n_points, d_in = x.shape
     inp = torch.cat([x, cond], 1) if cond.shape[1] else x
     non_finite = non_finite_points(inp, 1, keepdim=True)
@@ -163,7 +163,8 @@ def _pull_back(x, cond, weights, biases, activations, activation_params, skip_la
         z = torch.addmm(b, h, w[:, :n_h].t())
         if i in skip_layers:
             z = z + inp @ w[:, n_h:].t()
-        pre.append(z)
+        if keep_z:
+            pre.append(z)
         slopes.append(_tangent_scale(code, p0, p1, z, non_finite if i == 0 else None))
         h = act.value(code, p0, p1, z)
     d_out = h.shape[1]
@@ -217,7 +218,8 @@ def forward(mode, x, cond, weights, biases, activations, activation_params, skip
     ``differentiable=False`` lets the pass write into its buffers in place; the kernels use it below autograd.
     """
     if mode == "jacobian_reverse":
-        y, jac, pre = _pull_back(x, cond, weights, biases, activations, activation_params, skip_layers)
+        y, jac, pre = _pull_back(x, cond, weights, biases, activations, activation_params, skip_layers,
+                                 keep_z=keep_into is not None)
         for dst, z in zip(keep_into or (), pre):
             dst[0] = z
         return y, jac.transpose(0, 1)
