@@ -21,10 +21,15 @@ def test_value_and_derivatives_match_autograd(name):
     d1 = act.derivative(code, p0, p1, z)
     torch.testing.assert_close(d1, d1_autograd, rtol=1e-12, atol=1e-12)
     if d1_autograd.requires_grad:
-        d2_autograd, = torch.autograd.grad(d1_autograd.sum(), z)
+        d2_autograd, = torch.autograd.grad(d1_autograd.sum(), z, create_graph=True)
     else:
         d2_autograd = torch.zeros_like(z)
     torch.testing.assert_close(act.second_derivative(code, p0, p1, z), d2_autograd, rtol=1e-10, atol=1e-10)
+    if d2_autograd.requires_grad:
+        d3_autograd, = torch.autograd.grad(d2_autograd.sum(), z)
+    else:
+        d3_autograd = torch.zeros_like(z)
+    torch.testing.assert_close(act.third_derivative(code, p0, p1, z), d3_autograd, rtol=1e-10, atol=1e-10)
 
 
 def test_every_code_has_a_module():

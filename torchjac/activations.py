@@ -3,14 +3,17 @@
 This is the only Python source of the activation math. Each activation is a
 code (an int passed to the ops) and two float parameters. The forward-tangent
 pass uses ``value`` and ``derivative``; the reverse pass through the tangents
-also needs ``second_derivative``. All three are written with differentiable
-ops, so autograd through them gives the next order (double backward). The CUDA
+and the second-order (Laplacian, Hessian) pass also need ``second_derivative``,
+and the reverse of the second-order pass ``third_derivative``. All are written
+with differentiable ops, so autograd through them gives the next order (double
+backward). The CUDA
 kernels mirror these formulas in ``csrc/cuda/activations.cuh``.
 
 Each derivative matches the one PyTorch's own autograd uses, including the
 choice at kinks: ReLU'(0) = 0, LeakyReLU'(0) = slope, ELU'(0) = alpha but
 ELU''(0) = 0, and Softplus' = 1 when beta*z > threshold but Softplus'' = 0
-already when beta*z >= threshold.
+already when beta*z >= threshold. The third derivative keeps the second's
+choice: it is 0 where Softplus'' is, and ELU's is 0 at 0.
 
 One deliberate difference: at a NaN pre-activation every derivative is NaN.
 PyTorch's ReLU and LeakyReLU backward give 0 or the slope there, which would
@@ -203,4 +206,41 @@ def second_derivative(code: int, p0: float, p1: float, z: torch.Tensor) -> torch
         return torch.where(z >= 0, 0.0, p0 * torch.exp(z))
     if code == Act.SINE:
         return -(p0 * p0) * torch.sin(p0 * z)
+    raise ValueError(f"unknown activation code {code}")
+
+
+def third_derivative(code: int, p0: float, p1: float, z: torch.Tensor) -> torch.Tensor:
+    """d³ value / d z³, used by the reverse pass of the second-order pass (Laplacian, Hessian)."""
+    if code in (Act.IDENTITY, Act.RELU, Act.LEAKY_RELU):
+        return torch.zeros_like(z)
+    if code == Act.SOFTPLUS:
+        bz = z if p0 == 1.0 else z * p0
+        s = torch.sigmoid(bz)
+        return torch.where(bz >= p1, 0.0, (p0 * p0) * s * (1 - s) * (1 - 2 * s))
+    if code == Act.SILU:
+        s = torch.sigmoid(z)
+        return s * (1 - s) * ((1 - 2 * s) * (3 + z * (1 - 2 * s)) - 2 * z * s * (1 - s))
+    if code == Act.GELU:
+        pdf = _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
+        return pdf * z * (z * z - 4)
+    if code == Act.GELU_TANH:
+        u = _SQRT_2_OVER_PI * (z + _GELU_TANH_C * z ** 3)
+        du = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_C * z * z)
+        ddu = _SQRT_2_OVER_PI * 6 * _GELU_TANH_C * z
+        dddu = _SQRT_2_OVER_PI * 6 * _GELU_TANH_C
+        t = torch.tanh(u)
+        sech2 = 1 - t * t
+        inner = du + 0.5 * z * (ddu - 2 * t * du * du)  # the second derivative is sech2 * inner
+        d_inner = 1.5 * ddu - t * du * du + 0.5 * z * (dddu - 2 * sech2 * du ** 3 - 4 * t * du * ddu)
+        return sech2 * (d_inner - 2 * t * du * inner)
+    if code == Act.TANH:
+        t = torch.tanh(z)
+        return (1 - t * t) * (6 * t * t - 2)
+    if code == Act.SIGMOID:
+        s = torch.sigmoid(z)
+        return s * (1 - s) * (1 - 6 * s + 6 * s * s)
+    if code == Act.ELU:
+        return torch.where(z >= 0, 0.0, p0 * torch.exp(z))
+    if code == Act.SINE:
+        return -(p0 ** 3) * torch.cos(p0 * z)
     raise ValueError(f"unknown activation code {code}")
