@@ -51,6 +51,14 @@ TORCH_LIBRARY(TORCHJAC_OPS_NAMESPACE, m) {
   // The same J from d_out cotangent rows carried back through the layers: cheaper when d_out < d_in.
   m.def("mlp_jacobian_reverse(" TORCHJAC_MLP_ARGS ", " TORCHJAC_KEEP ") -> (Tensor y, Tensor jac, Tensor states)");
 
+  // Second order. L[..., i] = sum_j d^2 y_i / d x_j^2, shape (..., d_out).
+  m.def("mlp_laplacian(" TORCHJAC_MLP_ARGS ", " TORCHJAC_KEEP ") -> (Tensor y, Tensor lap, Tensor states)");
+  // noise (..., S, d_in) -> mean over s of e_s^T H_i e_s, shape (..., d_out). Noise is not differentiated.
+  m.def("mlp_laplacian_hutchinson(" TORCHJAC_MLP_ARGS ", Tensor noise, " TORCHJAC_KEEP
+        ") -> (Tensor y, Tensor lap, Tensor states)");
+  // H[..., i, j, k] = d^2 y_i / d x_j d x_k, shape (..., d_out, d_in, d_in).
+  m.def("mlp_hessian(" TORCHJAC_MLP_ARGS ", " TORCHJAC_KEEP ") -> (Tensor y, Tensor hess, Tensor states)");
+
   m.def("mlp_jacobian_backward(Tensor grad_y, Tensor grad_jac, " TORCHJAC_MLP_ARGS ", " TORCHJAC_STATES
         ") -> (" TORCHJAC_GRADS ")");
   m.def("mlp_divergence_backward(Tensor grad_y, Tensor grad_div, " TORCHJAC_MLP_ARGS ", " TORCHJAC_STATES
@@ -61,9 +69,16 @@ TORCH_LIBRARY(TORCHJAC_OPS_NAMESPACE, m) {
         ") -> (" TORCHJAC_GRADS ", Tensor grad_tangents)");
   m.def("mlp_hutchinson_backward(Tensor grad_y, Tensor grad_div, " TORCHJAC_MLP_ARGS ", Tensor noise, " TORCHJAC_STATES
         ") -> (" TORCHJAC_GRADS ")");
+  m.def("mlp_laplacian_backward(Tensor grad_y, Tensor grad_lap, " TORCHJAC_MLP_ARGS ", " TORCHJAC_STATES
+        ") -> (" TORCHJAC_GRADS ")");
+  m.def("mlp_laplacian_hutchinson_backward(Tensor grad_y, Tensor grad_lap, " TORCHJAC_MLP_ARGS ", Tensor noise, "
+        TORCHJAC_STATES ") -> (" TORCHJAC_GRADS ")");
+  m.def("mlp_hessian_backward(Tensor grad_y, Tensor grad_hess, " TORCHJAC_MLP_ARGS ", " TORCHJAC_STATES
+        ") -> (" TORCHJAC_GRADS ")");
 
-  // The pure-PyTorch path of any forward op above (mode: "jacobian", "divergence",
-  // "jvp", "hutchinson", "jacobian_reverse"; tangents holds the jvp tangents or the noise). Fused
+  // The pure-PyTorch path of any forward op above (mode: "jacobian", "divergence", "jvp",
+  // "hutchinson", "jacobian_reverse", "laplacian", "laplacian_hutchinson", "hessian"; tangents
+  // holds the jvp tangents or the noise). Fused
   // kernels call it for shapes their templates do not cover.
   m.def("mlp_reference_forward(str mode, " TORCHJAC_MLP_ARGS ", Tensor? tangents, " TORCHJAC_KEEP
         ") -> (Tensor y, Tensor out, Tensor states)");

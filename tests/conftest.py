@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from torch import nn
-from torch.func import jacrev, vmap
+from torch.func import hessian, jacrev, vmap
 
 import torchjac
 
@@ -61,6 +61,34 @@ def autograd_jacobian(f, x, cond=None):
     y = call_model(f, points, cond)
     rows = [torch.autograd.grad(y[..., i].sum(), points, create_graph=True)[0] for i in range(y.shape[-1])]
     return y, torch.stack(rows, -2)
+
+
+def oracle_hessian(f, x, cond=None):
+    """vmap(torch.func.hessian) over flattened points: H (..., d_out, d_in, d_in) and y."""
+    x, cond = broadcast_inputs(x, cond)
+    lead = x.shape[:-1]
+    xf = x.reshape(-1, x.shape[-1])
+    if cond is None:
+        hess = vmap(hessian(lambda p: call_model(f, p[None], None)[0]))(xf)
+    else:
+        hess = vmap(hessian(lambda p, c: call_model(f, p[None], c[None])[0]))(xf, cond.reshape(-1, cond.shape[-1]))
+    return call_model(f, x, cond), hess.reshape(*lead, *hess.shape[-3:])
+
+
+def autograd_hessian(f, x, cond=None):
+    """Nested create_graph autograd, as users write it today; differentiable w.r.t. everything."""
+    points = broadcast_inputs(x, cond)[0] if cond is not None else x
+    if not points.requires_grad:
+        points = points.detach().requires_grad_()
+    y = call_model(f, points, cond)
+    per_output = []
+    for i in range(y.shape[-1]):
+        grad, = torch.autograd.grad(y[..., i].sum(), points, create_graph=True)
+        # materialize_grads: a linear model's gradient does not depend on the points, its Hessian is 0.
+        per_output.append(torch.stack([torch.autograd.grad(grad[..., j].sum(), points, create_graph=True,
+                                                           materialize_grads=True)[0]
+                                       for j in range(points.shape[-1])], -2))
+    return y, torch.stack(per_output, -3)
 
 
 def assert_close64(actual, expected):

@@ -7,7 +7,7 @@ from torchjac.spec import lower
 
 
 def sample_inputs(mode, lead=(2, 3), cond_lead=(2, 1), c=2, non_contiguous=False, requires_grad=True):
-    d_out = 1 if mode == "jacobian_reverse" else 3
+    d_out = 1 if mode in ("jacobian_reverse", "laplacian") else 3
     f = torchjac.PointMLP(3, [6, 5], d_out, activation="softplus", cond_features=c, skip_layers=(2,)).double()
     x = torch.randn(*lead, 3, dtype=torch.float64)
     if non_contiguous:
@@ -19,7 +19,7 @@ def sample_inputs(mode, lead=(2, 3), cond_lead=(2, 1), c=2, non_contiguous=False
     extra = []
     if mode == "jvp":
         extra = [torch.randn(*lead, 2, 3, dtype=torch.float64)]
-    elif mode == "hutchinson":
+    elif mode in ("hutchinson", "laplacian_hutchinson"):
         extra = [torch.randint(0, 2, (*lead, 4, 3)).double() * 2 - 1]
     for t in [x, cond, *weights, *biases] + (extra if mode == "jvp" else []):
         t.requires_grad_(requires_grad)
@@ -35,8 +35,13 @@ CASES = {
 }
 
 
+ALL_MODES = ["jacobian", "divergence", "jvp", "hutchinson", "jacobian_reverse", "laplacian", "laplacian_hutchinson",
+             "hessian"]
+WITH_TANGENTS = ("jvp", "hutchinson", "laplacian_hutchinson")
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("mode", ["jacobian", "divergence", "jvp", "hutchinson", "jacobian_reverse"])
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_forward_op(mode, case):
     args = sample_inputs(mode, **CASES[case])
     torch.library.opcheck(getattr(torch.ops.torchjac, f"mlp_{mode}").default, args)
@@ -44,8 +49,9 @@ def test_forward_op(mode, case):
 
 # Every mode on the default inputs; the layout cases on one mode of each direction and on jvp, whose
 # backward has one output more (opcheck of a backward op runs double backward: the slowest check here).
-BACKWARD_CASES = [(mode, "default") for mode in ("jacobian", "divergence", "jvp", "hutchinson", "jacobian_reverse")]
-BACKWARD_CASES += [(mode, case) for mode in ("jacobian", "jvp", "jacobian_reverse") for case in ("empty", "non_contiguous")]
+BACKWARD_CASES = [(mode, "default") for mode in ALL_MODES]
+BACKWARD_CASES += [(mode, case) for mode in ("jacobian", "jvp", "jacobian_reverse")
+                   for case in ("empty", "non_contiguous")] + [("hessian", "empty")]
 
 
 @pytest.mark.parametrize("mode,case", BACKWARD_CASES)
@@ -57,10 +63,10 @@ def test_backward_op(mode, case):
     torch.library.opcheck(getattr(torch.ops.torchjac, f"mlp_{mode}_backward").default, (grad_y, grad_out, *args))
 
 
-@pytest.mark.parametrize("mode", ["jacobian", "divergence", "jvp", "hutchinson", "jacobian_reverse"])
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_reference_op(mode):
     args = list(sample_inputs(mode))
-    tangents = args.pop() if mode in ("jvp", "hutchinson") else None
+    tangents = args.pop() if mode in WITH_TANGENTS else None
     torch.library.opcheck(torch.ops.torchjac.mlp_reference_forward.default, (mode, *args, tangents))
     ours = torch.ops.torchjac.mlp_reference_forward(mode, *args, tangents)
     direct = getattr(torch.ops.torchjac, f"mlp_{mode}")(*args, *([tangents] if tangents is not None else []))
@@ -68,10 +74,10 @@ def test_reference_op(mode):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["jacobian", "jvp", "hutchinson", "jacobian_reverse"])
+@pytest.mark.parametrize("mode", ["jacobian", "jvp", "hutchinson", "jacobian_reverse", "hessian"])
 def test_reference_backward_op(mode):
     args = list(sample_inputs(mode))
-    tangents = args.pop() if mode in ("jvp", "hutchinson") else None
+    tangents = args.pop() if mode in WITH_TANGENTS else None
     y, out, _ = torch.ops.torchjac.mlp_reference_forward(mode, *args, tangents)
     grad_y, grad_out = torch.randn_like(y).requires_grad_(), torch.randn_like(out).requires_grad_()
     torch.library.opcheck(torch.ops.torchjac.mlp_reference_backward.default,

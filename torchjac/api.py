@@ -1,4 +1,4 @@
-"""The public functions: jacobian, divergence and jvp of a point-wise model, and explain.
+"""The public functions: jacobian, divergence, jvp, laplacian and hessian of a point-wise model, and explain.
 
 Each call takes one of two paths. The fused path lowers f to the ops' MLP
 description (torchjac/spec.py) and calls a torchjac op. The generic path
@@ -266,17 +266,50 @@ def _noise(shape, x: torch.Tensor, kind: str, generator: Optional[torch.Generato
     return e.to(x.device)
 
 
-def _check_noise(noise, x, num_samples, generator) -> torch.Tensor:
-    """A user's noise tensor, x.shape or (S, *x.shape), as (S, *x.shape); a constant (not differentiated)."""
-    _check_tensor("divergence", "noise", noise, like=x)
+def _check_estimator(fn, estimator, noise, num_samples, generator, x) -> Optional[torch.Tensor]:
+    """Checks the estimator arguments of divergence and laplacian; returns the user's noise tensor as
+    (S, *x.shape), a constant (not differentiated), or None when torchjac draws the noise."""
+    if estimator not in _ESTIMATORS:
+        raise ValueError(f"torchjac.{fn}: estimator expected one of {_ESTIMATORS}, got {estimator!r}")
+    if not torch.is_tensor(noise):
+        if estimator == "hutchinson":
+            if noise not in _NOISES:
+                raise ValueError(f"torchjac.{fn}: noise expected one of {_NOISES} or a tensor of noise vectors, "
+                                 f"got {noise!r}")
+            if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+                raise ValueError(f"torchjac.{fn}: num_samples expected a positive int, got {num_samples!r}")
+            if generator is not None and not isinstance(generator, torch.Generator):
+                raise TypeError(f"torchjac.{fn}: generator expected a torch.Generator, got "
+                                f"{type(generator).__name__}")
+        return None
+    if estimator != "hutchinson":
+        raise ValueError(f"torchjac.{fn}: a noise tensor is only used with estimator=\"hutchinson\", "
+                         f"got estimator={estimator!r}")
+    _check_tensor(fn, "noise", noise, like=x)
     if num_samples != 1 or generator is not None:
-        raise ValueError("torchjac.divergence: num_samples and generator describe noise that torchjac draws; "
+        raise ValueError(f"torchjac.{fn}: num_samples and generator describe noise that torchjac draws; "
                          "with a noise tensor, its first dim is the number of samples")
     samples = noise.unsqueeze(0) if noise.dim() == x.dim() else noise
     if samples.dim() != x.dim() + 1 or tuple(samples.shape[1:]) != tuple(x.shape):
-        raise ValueError(f"torchjac.divergence: noise expected shape {tuple(x.shape)} (x's) or "
+        raise ValueError(f"torchjac.{fn}: noise expected shape {tuple(x.shape)} (x's) or "
                          f"{('num_samples', *x.shape)}, got {tuple(noise.shape)}")
     return samples.detach()
+
+
+def _generic_noise(user_noise, x, kind, num_samples, generator) -> torch.Tensor:
+    """The generic path's noise, (S, *x.shape)."""
+    if user_noise is None:
+        return _noise((num_samples, *x.shape), x, kind, generator)
+    return _expand_noise(user_noise, x)
+
+
+def _fused_noise(fused: _Fused, user_noise, kind, num_samples, generator) -> torch.Tensor:
+    """The op's noise, (*lead, S, d_in): drawn, or the user's (S, *x.shape) in f's layout."""
+    if user_noise is None:
+        return _noise((*fused.x.shape[:-1], num_samples, fused.spec.d_in), fused.x, kind, generator)
+    if fused.spec.layout == spec_lib.CHANNELS_FIRST:
+        user_noise = user_noise.movedim(-2, -1)
+    return _expand_noise(user_noise, fused.x).movedim(0, -2)
 
 
 def _expand_noise(samples: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -306,22 +339,7 @@ def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estim
     instead be a tensor of noise vectors, of shape ``x.shape`` or ``(S, *x.shape)``, for instance to reuse one
     draw over every step of an ODE solve (FFJORD); it is a constant and is not differentiated.
     """
-    if estimator not in _ESTIMATORS:
-        raise ValueError(f"torchjac.divergence: estimator expected one of {_ESTIMATORS}, got {estimator!r}")
-    given_noise = torch.is_tensor(noise)
-    if given_noise and estimator != "hutchinson":
-        raise ValueError("torchjac.divergence: a noise tensor is only used with estimator=\"hutchinson\", "
-                         f"got estimator={estimator!r}")
-    if estimator == "hutchinson":
-        if not given_noise and noise not in _NOISES:
-            raise ValueError(f"torchjac.divergence: noise expected one of {_NOISES} or a tensor of noise "
-                             f"vectors, got {noise!r}")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"torchjac.divergence: num_samples expected a positive int, got {num_samples!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"torchjac.divergence: generator expected a torch.Generator, got "
-                            f"{type(generator).__name__}")
-    user_noise = _check_noise(noise, x, num_samples, generator) if given_noise else None
+    user_noise = _check_estimator("divergence", estimator, noise, num_samples, generator, x)
     x, fused = _route("divergence", f, x, cond, event_dims, chunk_size,
                       extra=() if user_noise is None else (user_noise,))
     if fused is None:
@@ -329,8 +347,7 @@ def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estim
         if estimator == "exact":
             y, div = _generic(f, generic.divergence, "divergence", model, x, event_dims, chunk_size)
         else:
-            e = _noise((num_samples, *x.shape), x, noise, generator) if user_noise is None else \
-                _expand_noise(user_noise, x)
+            e = _generic_noise(user_noise, x, noise, num_samples, generator)
             y, div = _generic(f, generic.hutchinson, "divergence", model, x, event_dims, e, chunk_size)
         div = _nan_at_non_finite_points(div, x, cond, event_dims)
         return (y, div) if return_output else div
@@ -339,16 +356,60 @@ def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estim
                          f"but f maps {fused.spec.d_in} -> {fused.spec.d_out}")
     if estimator == "exact":
         y, div = fused.call("divergence")
-    elif user_noise is None:
-        e = _noise((*fused.x.shape[:-1], num_samples, fused.spec.d_in), fused.x, noise, generator)
-        y, div = fused.call("hutchinson", e)
-    else:  # (S, *x.shape) in f's layout -> (*lead, S, d_in), the op's layout
-        if fused.spec.layout == spec_lib.CHANNELS_FIRST:
-            user_noise = user_noise.movedim(-2, -1)
-        e = _expand_noise(user_noise, fused.x).movedim(0, -2)
-        y, div = fused.call("hutchinson", e)
+    else:
+        y, div = fused.call("hutchinson", _fused_noise(fused, user_noise, noise, num_samples, generator))
     y = fused.output(y)
     return (y, div) if return_output else div
+
+
+def laplacian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estimator: str = "exact",
+              num_samples: int = 1, noise: str = "rademacher", generator: Optional[torch.Generator] = None,
+              return_output: bool = False, event_dims: int = 1):
+    """Per-point Laplacian of each output, ``L[..., i] = sum_j d² f(x)_i / d x_j²``, shaped like ``f(x)``.
+
+    The fused path computes it exactly in one forward pass that carries, with each point's value, its
+    ``d_in`` tangents and one collapsed second-order row. ``estimator="hutchinson"`` returns the unbiased
+    estimate ``mean_s e_s^T H_i e_s`` over ``num_samples`` noise vectors per point, drawn and passed as for
+    ``divergence`` (``noise``, ``generator``, or a noise tensor of shape ``x.shape`` or ``(S, *x.shape)``).
+    ``cond`` is not differentiated in L but receives gradients when training. With ``event_dims`` trailing dims
+    per point, the sum runs over all of a point's input entries, and L has shape ``(*batch, *out_event)``.
+    """
+    user_noise = _check_estimator("laplacian", estimator, noise, num_samples, generator, x)
+    x, fused = _route("laplacian", f, x, cond, event_dims, extra=() if user_noise is None else (user_noise,))
+    if fused is None:
+        model = _generic_model(f, cond)
+        if estimator == "exact":
+            y, lap = _generic(f, generic.laplacian, "laplacian", model, x, event_dims)
+        else:
+            e = _generic_noise(user_noise, x, noise, num_samples, generator)
+            y, lap = _generic(f, generic.laplacian_hutchinson, "laplacian", model, x, event_dims, e)
+        lap = _nan_at_non_finite_points(lap, x, cond, event_dims)
+        return (y, lap) if return_output else lap
+    if estimator == "exact":
+        y, lap = fused.call("laplacian")
+    else:
+        y, lap = fused.call("laplacian_hutchinson", _fused_noise(fused, user_noise, noise, num_samples, generator))
+    y, lap = fused.output(y), fused.output(lap)
+    return (y, lap) if return_output else lap
+
+
+def hessian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_output: bool = False,
+            event_dims: int = 1):
+    """Per-point Hessian of each output, ``H[..., i, j, k] = d² f(x)_i / d x_j d x_k``, of shape
+    ``(..., d_out, d_in, d_in)``; with ``event_dims`` trailing dims per point ``(*batch, *out_event, *in_event,
+    *in_event)``. For a channels-first Conv1d stack H is per point, ``(B, N, C_out, C_in, C_in)``, like J.
+
+    The fused path carries, with each point's value and ``d_in`` tangents, one second-order row per pair
+    ``j <= k``: ``d_in (d_in + 1) / 2`` rows. For the Laplacian alone, ``laplacian`` carries one.
+    """
+    x, fused = _route("hessian", f, x, cond, event_dims)
+    if fused is None:
+        y, hess = _generic(f, generic.hessian, "hessian", _generic_model(f, cond), x, event_dims)
+        hess = _nan_at_non_finite_points(hess, x, cond, event_dims)
+    else:
+        y, hess = fused.call("hessian")
+        y = fused.output(y)
+    return (y, hess) if return_output else hess
 
 
 def jvp(f, x: torch.Tensor, v: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_output: bool = False,

@@ -15,7 +15,9 @@ VJPs are always taken: reverse-over-forward gives wrong gradients for some
 PyTorch ops (layer_norm's second-order forward-mode formula,
 pytorch/pytorch#196700), while reverse-over-reverse is right for them. The
 divergence and the Hutchinson estimate (``e^T J e = (e^T J) e``) use VJPs; a JVP
-under autograd is the rows of J applied to v.
+under autograd is the rows of J applied to v. Second order is built from these:
+the Hessian is the Jacobian of the Jacobian, and ``e^T H e`` the JVP along e of
+``J e``.
 """
 import math
 from typing import Callable
@@ -99,6 +101,35 @@ def jvp(fn_name, f, x, event_dims, v):
     d_in, d_out = math.prod(pf.in_event), math.prod(y.shape[len(pf.batch):])
     out = jac.reshape(*pf.batch, d_out, d_in) @ v.reshape(*pf.batch, d_in, 1)
     return y, out.reshape(y.shape)
+
+
+def hessian(fn_name, f, x, event_dims, chunk_size=None):
+    """(y, H) with H of shape (*batch, *out_event, *in_event, *in_event): the Jacobian of the Jacobian, so it
+    takes reverse-over-reverse under autograd like ``jacobian`` (and forward-over-reverse outside it)."""
+    y = f(x)
+    PointwiseFunction(fn_name, f, x, event_dims).output_event(y)
+    _, hess = jacobian(fn_name, lambda x_: jacobian(fn_name, f, x_, event_dims, chunk_size)[1], x, event_dims,
+                       chunk_size)
+    return y, hess
+
+
+def laplacian(fn_name, f, x, event_dims):
+    """(y, L) with L (*batch, *out_event): the trace of each output's Hessian over the input event."""
+    pf = PointwiseFunction(fn_name, f, x, event_dims)
+    y, hess = hessian(fn_name, f, x, event_dims)
+    d = math.prod(pf.in_event)
+    return y, hess.reshape(*y.shape, d, d).diagonal(0, -2, -1).sum(-1)
+
+
+def laplacian_hutchinson(fn_name, f, x, event_dims, noise):
+    """(y, mean_s e_s^T H e_s) with noise of shape (S, *x.shape): the JVP along e of x -> J(x) e per sample."""
+    y = f(x)
+    PointwiseFunction(fn_name, f, x, event_dims).output_event(y)
+    total = 0
+    for e in noise:
+        along_e = lambda x_, e=e: jvp(fn_name, f, x_, event_dims, e)[1]  # noqa: E731
+        total = total + jvp(fn_name, along_e, x, event_dims, e)[1]
+    return y, total / noise.shape[0]
 
 
 def _check_square(pf: PointwiseFunction, y: torch.Tensor):

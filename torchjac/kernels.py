@@ -113,6 +113,10 @@ def output_shape(mode: str, lead, d_in: int, d_out: int, tangents) -> tuple:
         return (*lead, d_out, d_in)
     if mode in ("divergence", "hutchinson"):
         return tuple(lead)
+    if mode in ("laplacian", "laplacian_hutchinson"):
+        return (*lead, d_out)
+    if mode == "hessian":
+        return (*lead, d_out, d_in, d_in)
     return (*lead, tangents.shape[-2], d_out)
 
 

@@ -24,7 +24,7 @@ from .kernels import FlatPoints, output_shape
 
 # Extra tensor input of each mode, after the MLP arguments.
 EXTRA_INPUT = {"jacobian": None, "divergence": None, "jvp": "tangents", "hutchinson": "noise",
-               "jacobian_reverse": None}
+               "jacobian_reverse": None, "laplacian": None, "laplacian_hutchinson": "noise", "hessian": None}
 MODES = reference.MODES
 assert tuple(EXTRA_INPUT) == MODES
 _ACTIVATION_CODES = {int(a) for a in Act}

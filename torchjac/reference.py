@@ -12,9 +12,19 @@ keeps each layer's slope ``act'(z)``, then the ``d_out`` cotangent rows
 the backward of the jvp mode with the Jacobian's cotangent as the tangents,
 because ``<G, J> = sum_j (J G_j)_j``.
 
+Second order (modes ``laplacian``, ``laplacian_hutchinson``, ``hessian``): the
+same pass carries, after the k tangent rows, second-order rows ``s``: the
+second derivatives of h along pairs of tangents. A layer maps them linearly
+(``sz = W s``; the input's are 0), and the activation adds its curvature:
+``s <- act'(z) * sz + act''(z) * q(tz)``, with ``q`` the sum of squares of the
+tangents for one collapsed row (the Laplacian with basis tangents, the
+Hutchinson sum with noise tangents) or ``tz_a * tz_b`` for each Hessian pair
+(``SecondOrder``).
+
 Backward: the hand-written reverse of the tangent pass. It needs each layer's
 input rows and pre-activations, then walks back through the layers. It needs
-the activations' second derivative, because ``t`` depends on ``z`` via ``act'``.
+the activations' second derivative, because ``t`` depends on ``z`` via ``act'``,
+and for the second-order rows the third, because ``s`` depends on it via ``act''``.
 The reverse mode's forward can keep each layer's pre-activation ``z``
 (``kept_shapes``); its backward then rebuilds the layer inputs from them
 elementwise and repeats just the GEMMs of the tangent rows. Without them it
@@ -24,8 +34,8 @@ Both functions are built from differentiable ops, so double backward is autograd
 through ``backward``. The CPU kernels run them below autograd with
 ``differentiable=False``, which lets them write the rows in place.
 
-Rows are laid out tangent-major, (1+k, P, n): the value row and each tangent
-are contiguous blocks, and one GEMM of all (1+k)*P rows does a layer.
+Rows are laid out tangent-major, (1+k+m, P, n): the value row, each tangent and
+each second-order row are contiguous blocks, and one GEMM of all rows does a layer.
 
 Shapes: x (P, d_in), cond (P, c) (c may be 0), tangents (P, k, d_in) or None,
 weights[i] (out_i, in_i), biases[i] (out_i,). Layer 0 reads ``cat([x, cond])``;
@@ -37,14 +47,76 @@ import torch
 
 from . import activations as act
 
-MODES = ("jacobian", "divergence", "jvp", "hutchinson", "jacobian_reverse")
+MODES = ("jacobian", "divergence", "jvp", "hutchinson", "jacobian_reverse",
+         "laplacian", "laplacian_hutchinson", "hessian")
+SECOND_ORDER_MODES = ("laplacian", "laplacian_hutchinson", "hessian")
+# Modes whose tangents are the d_in basis vectors, the same at every point.
+BASIS_MODES = ("jacobian", "divergence", "laplacian", "hessian")
+
+
+class SecondOrder:
+    """The second-order rows a pass carries after its k tangent rows v_a, and how each layer's activation feeds
+    them: ``q(tz)`` is the term act''(z) multiplies.
+
+    Laplacian modes: one collapsed row, sum_a d²h/dv_a² (q = sum_a tz_a²): the Laplacian for the basis tangents,
+    S times the Hutchinson mean for S noise tangents. Hessian: one row per pair a <= b, d²h/dv_a dv_b
+    (q = tz_a * tz_b).
+    """
+
+    def __init__(self, mode: str, k: int, device):
+        self.k, self.collapsed = k, mode != "hessian"
+        if self.collapsed:
+            self.n_rows = 1
+            return
+        self.first, self.second = torch.triu_indices(k, k, device=device)
+        self.n_rows = self.first.numel()
+        dense = torch.empty(k, k, dtype=torch.long, device=device)
+        rows = torch.arange(self.n_rows, device=device)
+        dense[self.first, self.second] = rows
+        dense[self.second, self.first] = rows
+        self.row_of_entry = dense.flatten()  # the row holding each entry (a, b) of a k x k Hessian
+
+    def quadratic(self, tz: torch.Tensor) -> torch.Tensor:
+        """q(tz) (n_rows, P or 1, n) from the tangent rows tz (k, P or 1, n)."""
+        if self.collapsed:
+            return (tz * tz).sum(0, keepdim=True)
+        return tz[self.first] * tz[self.second]
+
+    def quadratic_adjoint(self, g_q: torch.Tensor, tz: torch.Tensor) -> torch.Tensor:
+        """Gradient w.r.t. tz (k, P, n) of <g_q, q(tz)>."""
+        if self.collapsed:
+            return 2 * g_q * tz
+        g = g_q.new_zeros(self.k, *g_q.shape[1:])
+        return g.index_add(0, self.first, g_q * tz[self.second]).index_add(0, self.second, g_q * tz[self.first])
+
+    def hessian(self, s: torch.Tensor) -> torch.Tensor:
+        """The (P, d_out, k, k) Hessians from the pair rows s (n_rows, P, d_out)."""
+        n_points, d_out = s.shape[1:]
+        return s[self.row_of_entry].view(self.k, self.k, n_points, d_out).permute(2, 3, 0, 1)
+
+    def hessian_adjoint(self, g_hess: torch.Tensor) -> torch.Tensor:
+        """Gradient w.r.t. the pair rows of <g_hess, hessian(s)>: each off-diagonal row gets both entries'."""
+        n_points, d_out = g_hess.shape[:2]
+        entries = g_hess.permute(2, 3, 0, 1).reshape(self.k * self.k, n_points, d_out)
+        return entries.new_zeros(self.n_rows, n_points, d_out).index_add(0, self.row_of_entry, entries)
+
+
+def second_order(mode: str, d_in: int, tangents: Optional[torch.Tensor], device) -> Optional[SecondOrder]:
+    """The second-order rows of mode, or None for a first-order mode."""
+    if mode not in SECOND_ORDER_MODES:
+        return None
+    return SecondOrder(mode, d_in if tangents is None else tangents.shape[-2], device)
 
 
 def rows_per_point(mode: str, d_in: int, d_out: int, tangents: Optional[torch.Tensor]) -> int:
-    """Rows each point carries through a layer's GEMM: the value and its tangents or cotangents."""
+    """Rows each point carries through a layer's GEMM: the value, its tangents or cotangents, and any
+    second-order rows."""
     if mode == "jacobian_reverse":
         return 1 + d_out
-    return 1 + (d_in if tangents is None else tangents.shape[-2])
+    k = d_in if tangents is None else tangents.shape[-2]
+    if mode == "hessian":
+        return 1 + k + k * (k + 1) // 2
+    return 1 + k + (mode in SECOND_ORDER_MODES)
 
 
 def kept_shapes(mode: str, n_points: int, weights):
@@ -61,9 +133,10 @@ def kept_shapes(mode: str, n_points: int, weights):
 
 
 class LayerState(NamedTuple):
-    rows: Optional[torch.Tensor]  # (1+k, P, n_h): [h; t] entering the layer, None for layer 0
+    rows: Optional[torch.Tensor]  # (1+k+m, P, n_h): [h; t; s] entering the layer, None for layer 0
     z: torch.Tensor               # (P, out) pre-activation
-    tz: torch.Tensor              # (k, P, out) tangents before the activation (layer 0: broadcast over P)
+    tz: torch.Tensor              # (k+m, P, out) tangent and second-order rows before the activation
+                                  # (layer 0: broadcast over P)
 
 
 def _input_tangent_term(w_x: torch.Tensor, tangents: Optional[torch.Tensor]) -> torch.Tensor:
@@ -108,9 +181,20 @@ def _tangent_scale(code, p0, p1, z, non_finite):
     return non_finite + 1 if slope is None else slope + non_finite
 
 
+def _with_curvature(rows, curvature, differentiable):
+    """rows (1+k+m or k+m, ...) with curvature added to their last m (second-order) rows."""
+    if curvature is None:
+        return rows
+    if differentiable:
+        return torch.cat([rows[:-curvature.shape[0]], rows[-curvature.shape[0]:] + curvature])
+    rows[-curvature.shape[0]:] += curvature
+    return rows
+
+
 def _propagate(x, cond, weights, biases, activations, activation_params, skip_layers, tangents, keep_states,
-               differentiable, kept=None):
-    """The output value h (P, d_out) and tangents t (k, P, d_out), and each layer's state if asked for.
+               differentiable, kept=None, second: Optional[SecondOrder] = None):
+    """The output value h (P, d_out) and rows t (k+m, P, d_out): the k tangents, then the m second-order rows of
+    `second` (none without), and each layer's state if asked for.
 
     kept: each layer's pre-activation z from the forward (kept_shapes), or None; with it only the tangent rows
     are multiplied.
@@ -119,6 +203,7 @@ def _propagate(x, cond, weights, biases, activations, activation_params, skip_la
     inp = torch.cat([x, cond], 1) if cond.shape[1] else x
     non_finite = non_finite_points(inp, 1, keepdim=True)
     rows = z = tz = None
+    k = d_in if tangents is None else tangents.shape[1]
     states: List[LayerState] = []
     for i, (w, b) in enumerate(zip(weights, biases)):
         code, p0, p1 = activations[i], activation_params[2 * i], activation_params[2 * i + 1]
@@ -126,6 +211,8 @@ def _propagate(x, cond, weights, biases, activations, activation_params, skip_la
         if i == 0:
             z = torch.addmm(b, inp, w.t()) if known is None else known[0]
             tz = _input_tangent_term(w[:, :d_in], tangents)
+            if second is not None:  # the input's second derivatives are 0 (0 * NaN slope keeps NaN points NaN)
+                tz = torch.cat([tz, tz.new_zeros(second.n_rows, *tz.shape[1:])])
         else:
             n_h = rows.shape[2]
             src = rows if known is None else rows[1:]
@@ -139,15 +226,22 @@ def _propagate(x, cond, weights, biases, activations, activation_params, skip_la
             if i in skip_layers:
                 if known is None:
                     z = z + inp @ w[:, n_h:].t()
-                tz = tz + _input_tangent_term(w[:, n_h:n_h + d_in], tangents)
+                x_term = _input_tangent_term(w[:, n_h:n_h + d_in], tangents)
+                if second is None:
+                    tz = tz + x_term
+                else:  # x's second-order rows are 0
+                    tz = torch.cat([tz[:k] + x_term, tz[k:]])
         if keep_states:
             states.append(LayerState(rows, z, tz))
         h = act.value(code, p0, p1, z)
         scale = _tangent_scale(code, p0, p1, z, non_finite if i == 0 else None)
+        curvature = None
+        if second is not None and scale is not None:
+            curvature = act.second_derivative(code, p0, p1, z) * second.quadratic(tz[:k])
         if i + 1 == len(weights):
             t = tz if scale is None else scale * tz
-            return h, t.expand(-1, n_points, -1), states
-        rows = _stack_rows(h, tz, scale, differentiable)
+            return h, _with_curvature(t.expand(-1, n_points, -1), curvature, True), states
+        rows = _with_curvature(_stack_rows(h, tz, scale, differentiable), curvature, differentiable)
 
 
 def _pull_back(x, cond, weights, biases, activations, activation_params, skip_layers, keep_z=False):
@@ -183,8 +277,15 @@ def _pull_back(x, cond, weights, biases, activations, activation_params, skip_la
     return h, jac, pre
 
 
-def reduce_tangents(mode: str, t: torch.Tensor, tangents: Optional[torch.Tensor]) -> torch.Tensor:
-    """The op's second output from the output tangents t (k, P, d_out)."""
+def reduce_tangents(mode: str, t: torch.Tensor, tangents: Optional[torch.Tensor],
+                    second: Optional[SecondOrder] = None) -> torch.Tensor:
+    """The op's second output from the output rows t (k+m, P, d_out): tangents, then second-order rows."""
+    if mode == "laplacian":
+        return t[-1]
+    if mode == "laplacian_hutchinson":
+        return t[-1] / tangents.shape[1]
+    if mode == "hessian":
+        return second.hessian(t[second.k:])
     if mode == "jacobian":
         return t.permute(1, 2, 0)
     if mode == "divergence":
@@ -196,8 +297,15 @@ def reduce_tangents(mode: str, t: torch.Tensor, tangents: Optional[torch.Tensor]
     raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
 
 
-def _grad_of_tangents(mode: str, grad_out: torch.Tensor, tangents: Optional[torch.Tensor], d_out: int) -> torch.Tensor:
-    """Adjoint of reduce_tangents: the gradient w.r.t. t (k, P, d_out)."""
+def _grad_of_tangents(mode: str, grad_out: torch.Tensor, tangents: Optional[torch.Tensor], d_out: int,
+                      second: Optional[SecondOrder] = None) -> torch.Tensor:
+    """Adjoint of reduce_tangents: the gradient w.r.t. t (k+m, P, d_out)."""
+    if second is not None:  # the output depends on the second-order rows only
+        if mode == "hessian":
+            g_s = second.hessian_adjoint(grad_out)
+        else:
+            g_s = (grad_out if mode == "laplacian" else grad_out / tangents.shape[1]).unsqueeze(0)
+        return torch.cat([g_s.new_zeros(second.k, *g_s.shape[1:]), g_s])
     if mode == "jacobian":
         return grad_out.permute(2, 0, 1)
     if mode == "divergence":
@@ -223,10 +331,11 @@ def forward(mode, x, cond, weights, biases, activations, activation_params, skip
         for dst, z in zip(keep_into or (), pre):
             dst[0] = z
         return y, jac.transpose(0, 1)
-    basis = mode in ("jacobian", "divergence")
+    v = None if mode in BASIS_MODES else tangents
+    second = second_order(mode, x.shape[1], v, x.device)
     y, t, _ = _propagate(x, cond, weights, biases, activations, activation_params, skip_layers,
-                         None if basis else tangents, keep_states=False, differentiable=differentiable)
-    return y, reduce_tangents(mode, t, tangents)
+                         v, keep_states=False, differentiable=differentiable, second=second)
+    return y, reduce_tangents(mode, t, tangents, second)
 
 
 class Grads(NamedTuple):
@@ -254,15 +363,16 @@ def backward(mode, grad_y, grad_out, x, cond, weights: Sequence[torch.Tensor], b
         g = backward("jvp", grad_y, eye, x, cond, weights, biases, activations, activation_params, skip_layers,
                      grad_out, differentiable=differentiable, kept=kept)
         return g._replace(tangents=None)
-    basis = mode in ("jacobian", "divergence")
-    v = None if basis else tangents
-    y, t, states = _propagate(x, cond, weights, biases, activations, activation_params, skip_layers,
-                              v, keep_states=True, differentiable=differentiable, kept=kept)
+    v = None if mode in BASIS_MODES else tangents
     n_points, d_in = x.shape
+    second = second_order(mode, d_in, v, x.device)
+    y, t, states = _propagate(x, cond, weights, biases, activations, activation_params, skip_layers,
+                              v, keep_states=True, differentiable=differentiable, kept=kept, second=second)
+    k = d_in if v is None else v.shape[1]
     inp = torch.cat([x, cond], 1) if cond.shape[1] else x
     non_finite = non_finite_points(inp, 1, keepdim=True)
     g_h = grad_y
-    g_t = _grad_of_tangents(mode, grad_out, tangents, y.shape[1])
+    g_t = _grad_of_tangents(mode, grad_out, tangents, y.shape[1], second)
     g_inp = torch.zeros_like(inp)
     g_v = torch.zeros_like(v) if mode == "jvp" else None
     g_weights: List[torch.Tensor] = [None] * len(weights)
@@ -283,14 +393,24 @@ def backward(mode, grad_y, grad_out, x, cond, weights: Sequence[torch.Tensor], b
         w, state = weights[i], states[i]
         code, p0, p1 = activations[i], activation_params[2 * i], activation_params[2 * i + 1]
         d1 = _tangent_scale(code, p0, p1, state.z, non_finite if i == 0 else None)
+        tangent_curvature = None
         if d1 is None:
             g_z = g_h
         else:
             d2 = act.second_derivative(code, p0, p1, state.z)
             g_z = g_h * d1 + (g_t * state.tz).sum(0) * d2
+            if second is not None:  # s = d1 * sz + d2 * q(tz): q feeds z through d3 and tz through d2
+                g_s, tz = g_t[k:], state.tz[:k]
+                g_z = g_z + (g_s * second.quadratic(tz)).sum(0) * act.third_derivative(code, p0, p1, state.z)
+                tangent_curvature = d2 * second.quadratic_adjoint(g_s, tz)
         g_biases[i] = g_z.sum(0)
-        g_rows = _stack_rows(g_z, g_t, d1, differentiable)  # [g_z; g_tz], g_tz = d1 * g_t
-        g_tz = g_rows[1:]
+        g_rows = _stack_rows(g_z, g_t, d1, differentiable)  # [g_z; g_tz; g_sz], each tail row d1 * g_t
+        if tangent_curvature is not None:
+            if differentiable:
+                g_rows = torch.cat([g_rows[:1], g_rows[1:1 + k] + tangent_curvature, g_rows[1 + k:]])
+            else:
+                g_rows[1:1 + k] += tangent_curvature
+        g_tz = g_rows[1:1 + k]  # the second-order rows have no input term
         if i == 0:
             g_weights[i] = input_grads(w, g_z, g_tz)
             continue
