@@ -2,7 +2,8 @@
 # make gpu-check: the whole validation of the CUDA kernels on a machine with a
 # GPU, in one command, within 9 minutes on an H100/H200:
 #   1. build the fused kernels for sm_90 (TORCH_CUDA_ARCH_LIST, default 9.0);
-#   2. the CUDA tests (tests/test_cuda_*.py), CUDA-graph capture
+#   2. the CUDA tests (tests/test_cuda_*.py, and the second-order ops' pure-PyTorch
+#      path on CUDA), CUDA-graph capture
 #      (torch.compile(mode="reduce-overhead")) included;
 #   3. compute-sanitizer memcheck and racecheck on the tests' small cases;
 #   4. the GPU benchmarks against the eager baselines, torch.compile of them and
@@ -65,6 +66,7 @@ export TORCHJAC_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOB
 step "build (sm_90)" "$OUT/build.txt" 240 "$PYTHON" -m pip install --no-build-isolation -e .
 step "cuda tests" "$OUT/tests.txt" 180 "$PYTHON" -m pytest -q -rs tests/test_cuda_forward.py tests/test_cuda_backward.py \
   -k "not compute_sanitizer"
+step "second order on cuda" "$OUT/tests.txt" 30 "$PYTHON" -m pytest -q -rs tests/test_second_order.py -k cuda
 step "cuda-graph capture" "$OUT/tests.txt" 90 "$PYTHON" -m pytest -q tests/test_cuda_forward.py tests/test_cuda_backward.py \
   -k "compile_reduce_overhead"
 if command -v compute-sanitizer >/dev/null 2>&1; then

@@ -17,9 +17,14 @@ Rows (float32, 2 threads by default; the models come from tests/zoo.py where it 
             e^T (dy/dx) e, then one training step of each, loss = mean(y^2) + mean(div);
   cnf_ffjord the same dynamics with FFJORD's own idiom cat([ones_like(x[:, :1]) * t, x], 1);
   pointnet  zoo.pointnet_shared_mlp((64, 128, 256)) in eval mode on (4, 3, 1024): the per-point
-            Jacobian against vmap(jacfwd), one torch.func.jvp per input dim and the autograd loop.
+            Jacobian against vmap(jacfwd), one torch.func.jvp per input dim and the autograd loop;
+  pinn      nn.Sequential 3-128x4-1 Tanh, 16,384 points: the exact Laplacian and the Hessian against
+            nested create_graph autograd (the gradient, then one autograd.grad per input dim) and
+            vmap(torch.func.hessian), and one Poisson residual training step,
+            loss = mean((laplacian - s(x))^2) + mean(u^2), against the nested create_graph version.
 
-Every method's output is checked against vmap(jacrev) of the float64 model, and every training step's
+Every method's output is checked against vmap(jacrev) (vmap(hessian) for second order) of the float64 model,
+and every training step's
 parameter gradients against those of the create_graph baseline, in float64 on a small batch, before
 anything is timed. Each row is timed twice, quiet and with another process keeping one core busy (as
 on a shared machine); ratios are baseline time / torchjac time from the same run. The peak RSS increase
@@ -43,14 +48,14 @@ from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 from torch import nn
-from torch.func import jacfwd, jacrev, jvp, vmap
+from torch.func import hessian, jacfwd, jacrev, jvp, vmap
 
 import torchjac
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from bench_cpu import _status_kb, check, timeit  # noqa: E402
+from bench_cpu import _status_kb, check, gemm_gflops, timeit  # noqa: E402
 import zoo  # noqa: E402
 from ops_seen import ops_seen  # noqa: E402
 
@@ -173,8 +178,10 @@ def pointnet_autograd_loop(f, b):
 class Group:
     """Methods that compute the same thing; the first is torchjac's, the others are the baselines."""
     methods: Dict[str, Callable]        # name -> fn(f, batch): the output, or for a training step the loss
-    expected: Optional[Callable] = None  # (J64, batch64) -> the float64 output; None for a training step
+    expected: Optional[Callable] = None  # (oracle64, batch64) -> the float64 output; None for a training step
     reference: Optional[str] = None      # a training step's create_graph baseline, the gradients' reference
+    oracle: Optional[Callable] = None    # (f64, batch64) -> what expected reads; None: vmap(jacrev)'s J
+    flops: Optional[Callable] = None     # (f, batch) -> the multiply-adds x2 of torchjac's pass, for GFLOP/s
 
     @property
     def train(self):
@@ -260,6 +267,72 @@ def cnf_groups():
     }
 
 
+# ---- PINN row: the Laplacian and Hessian of a scalar field, and a Poisson residual step
+
+def poisson_mlp(width=128, depth=4):
+    layers = [nn.Linear(3, width), nn.Tanh()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(width, 1))
+
+
+def nested_autograd_hessian(f, x, create_graph=False):
+    """What PINN code does today: the gradient with create_graph, then one autograd.grad per input dim.
+    (P, 1, 3, 3) for a scalar field; a Laplacian takes its diagonal, which costs the same."""
+    x = x.detach().requires_grad_()
+    with torch.enable_grad():
+        y = f(x)
+        grad, = torch.autograd.grad(y.sum(), x, create_graph=True)
+        rows = [torch.autograd.grad(grad[:, j].sum(), x, create_graph=create_graph, retain_graph=True)[0]
+                for j in range(x.shape[1])]
+    return y, torch.stack(rows, -2).unsqueeze(1)
+
+
+def nested_poisson_loss(f, b):
+    u, hess = nested_autograd_hessian(f, b.x, create_graph=True)
+    return poisson_loss(u, trace(hess), b.x)
+
+
+def vmap_hessian(f, x):
+    return vmap(hessian(lambda p: f(p[None])[0]))(x)
+
+
+def oracle_hessian(f, b):
+    return vmap(hessian(lambda p: f(p[None])[0]), chunk_size=4096)(b.x)
+
+
+def poisson_loss(u, lap, x):
+    return ((lap - torch.sin(x).sum(-1, keepdim=True)) ** 2).mean() + (u ** 2).mean()
+
+
+def pass_flops(f, b, rows):
+    """Multiply-adds x2 of carrying `rows` rows per point through f's Linear layers."""
+    return 2 * b.x.shape[0] * rows * sum(m.weight.numel() for m in f.modules() if isinstance(m, nn.Linear))
+
+
+def trace(hess):
+    return hess.diagonal(0, -2, -1).sum(-1)
+
+
+def pinn_groups():
+    return {
+        "laplacian": Group({"torchjac": lambda f, b: torchjac.laplacian(f, b.x),
+                            "nested_autograd": lambda f, b: trace(nested_autograd_hessian(f, b.x)[1]),
+                            "vmap_hessian": lambda f, b: trace(vmap_hessian(f, b.x))},
+                           expected=lambda H, b: trace(H), oracle=oracle_hessian,
+                           flops=lambda f, b: pass_flops(f, b, 1 + 3 + 1)),
+        "hessian": Group({"torchjac": lambda f, b: torchjac.hessian(f, b.x),
+                          "nested_autograd": lambda f, b: nested_autograd_hessian(f, b.x)[1],
+                          "vmap_hessian": lambda f, b: vmap_hessian(f, b.x)},
+                         expected=lambda H, b: H, oracle=oracle_hessian,
+                         flops=lambda f, b: pass_flops(f, b, 1 + 3 + 6)),
+        "pinn step": Group({"torchjac": lambda f, b: poisson_loss(*torchjac.laplacian(f, b.x, return_output=True),
+                                                                   b.x),
+                            "nested_autograd_create_graph": nested_poisson_loss},
+                           reference="nested_autograd_create_graph"),
+    }
+
+
 def pointnet():
     m = zoo.pointnet_shared_mlp((64, 128, 256))
     with torch.no_grad():  # trained-looking BatchNorm statistics
@@ -287,6 +360,7 @@ ROWS = {
                                         "autograd_loop": pointnet_autograd_loop},
                                        expected=lambda J, b: J)},
                     "channels_first"),
+    "pinn": Row("3-128x4-1 Tanh scalar field, nn.Sequential", poisson_mlp, 16384, pinn_groups()),
 }
 
 
@@ -364,12 +438,14 @@ def measure(row, points, repeats):
     """{group: {method: seconds}}, every derivative checked against the float64 oracle first."""
     f, b = build(row), make_batch(row, points)
     f64, b64 = build(row, torch.float64), make_batch(row, points, torch.float64)
-    J64 = None
+    oracles = {}
     out = {}
     for gname, group in row.groups.items():
         if not group.train:
-            J64 = oracle_jacobian(f64, b64).detach() if J64 is None else J64
-            expected = group.expected(J64, b64)
+            oracle = group.oracle or oracle_jacobian
+            if oracle not in oracles:
+                oracles[oracle] = oracle(f64, b64).detach()
+            expected = group.expected(oracles[oracle], b64)
             for name, fn in group.methods.items():
                 check(f"{gname} / {name}", step(group, fn, f, b).reshape(expected.shape), expected)
         out[gname] = {name: timeit(lambda fn=fn: step(group, fn, f, b), repeats)
@@ -434,7 +510,9 @@ def main():
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"float32; ratio = baseline ms / torchjac ms")
-    results = {"torch": torch.__version__, "threads": args.threads, "rows": {}, "sweep": {}}
+    results = {"torch": torch.__version__, "threads": args.threads, "gemm_gflops": gemm_gflops(), "rows": {},
+               "sweep": {}}
+    print(f"fp32 GEMM rate of this machine (best 2048^3 matmul): {results['gemm_gflops']:.1f} GFLOP/s")
     for name in args.rows:
         row = ROWS[name]
         points = max(64, row.points // 32) if args.quick else row.points
@@ -446,8 +524,11 @@ def main():
                 entry["busy"] = measure(row, points, args.repeats)
         if args.memory:
             entry["peak_rss_mb"] = memory(name, points, args.threads)
+        f, b = build(row), make_batch(row, points)
+        entry["torchjac_gflops"] = {g: group.flops(f, b) / entry["quiet"][g]["torchjac"] / 1e9
+                                    for g, group in row.groups.items() if group.flops}
         results["rows"][name] = entry
-        report(name, entry)
+        report(name, entry, results["gemm_gflops"])
     if args.points_sweep:
         results["sweep"]["sdf"] = sweep("sdf", args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -476,7 +557,7 @@ def sweep(name, args):
     return out
 
 
-def report(name, entry):
+def report(name, entry, gemm_rate):
     why = entry["explain"]
     print(f"\n{name}: {entry['title']}, {entry['points']} points\n  explain: {why['path']}: {why['detail'][:150]}")
     print(f"  {'':<16} {'method':<22} {'ms':>9} {'ratio':>7} {'busy ms':>9} {'ratio':>7} {'peak MB':>8}")
@@ -493,6 +574,8 @@ def report(name, entry):
             mem = entry.get("peak_rss_mb", {}).get(g, {}).get(m)
             print(f"  {g if i == 0 else '':<16} {m:<22} {cols(quiet, m)} {cols(busy, m)} "
                   f"{'' if mem is None else f'{mem:8.0f}'}")
+    for g, rate in entry.get("torchjac_gflops", {}).items():
+        print(f"  torchjac {g}: {rate:.1f} GFLOP/s of its GEMMs' work, {100 * rate / gemm_rate:.0f}% of the GEMM rate")
 
 
 def plot(sweeps, path):

@@ -8,7 +8,9 @@ hooks) and the input (leading shape, zero-size, non-contiguous, dtype). ``check(
 Hutchinson with a fixed noise), jvp, their outputs and their gradients w.r.t.
 x, cond, v and every parameter, and compares all of them with the autograd
 ``create_graph`` oracle evaluated in float64. Some cases also check
-``torch.func.jvp`` over ``jacobian`` and a ``torch.compile``d call.
+``torch.func.jvp`` over ``jacobian``, a ``torch.compile``d call, and (in float64)
+laplacian (exact and Hutchinson) and hessian with their gradients against nested
+``create_graph`` autograd.
 
 float64 results must match the oracle to 1e-10 of the result's scale. A
 float32 result must be within 1e-5 of its scale, or else no further from the
@@ -25,7 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import torchjac
-from conftest import autograd_jacobian, call_model, oracle_jacobian
+from conftest import autograd_hessian, autograd_jacobian, call_model, oracle_jacobian
 
 MAX_WIDTH = 300
 
@@ -66,6 +68,7 @@ class Case(NamedTuple):
     idioms: Tuple[str, ...] = ()   # how a "sequential" is written: see IDIOMS
     check_func: bool = False       # also torch.func.jvp over jacobian
     check_compiled: bool = False   # also a torch.compile'd jacobian and its gradients
+    check_second_order: bool = False  # also laplacian and hessian (float64), for d_in <= 8
 
 
 # Ways of writing the same Sequential; each keeps the function it computes, or (hook) changes it knowingly.
@@ -102,7 +105,8 @@ def cases(draw):
     return Case(form, d_in, d_out, widths, activations, final_activation,
                 cond_features, skips, lead, cond_lead, draw(st.booleans()), draw(st.integers(1, 3)),
                 draw(st.sampled_from([torch.float32, torch.float64])), draw(st.integers(0, 2 ** 31 - 1)),
-                idioms, draw(st.integers(0, 19)) == 0, draw(st.integers(0, 99)) == 0)
+                idioms, draw(st.integers(0, 19)) == 0, draw(st.integers(0, 99)) == 0,
+                d_in <= 8 and draw(st.integers(0, 9)) == 0)
 
 
 class _Subclass(nn.Sequential):
@@ -351,3 +355,32 @@ def check_compiled(case: Case):
     # inductor's code generation would add minutes, not checks of torchjac.
     for i, (got, want) in enumerate(zip(results(torch.compile(loss, backend="aot_eager")), expected)):
         _assert_close_to(got, want, "compiled jacobian" if i == 0 else f"compiled gradient {i - 1}")
+
+
+def check_second_order(case: Case):
+    """laplacian (exact, and Hutchinson with the case's noise) and hessian, their outputs and their gradients
+    w.r.t. x, cond and every parameter, against nested create_graph autograd, in float64."""
+    model = build_model(case).to(torch.float64)
+    f = _as_function(model) if case.form == "function" else model
+    x, cond, _, noise = _inputs(case, torch.float64)
+    leaves = [x] + ([cond] if cond is not None else []) + list(model.parameters())
+    for t in leaves:
+        t.requires_grad_(True)
+    y, hess = autograd_hessian(model, x, cond)
+    lead = hess.shape[:-3]
+    e = noise.view(case.num_samples, *[1] * (len(lead) - len(case.lead)), *noise.shape[1:])
+    e = e.expand(case.num_samples, *lead, case.d_in)
+    expected = {"laplacian": hess.diagonal(0, -2, -1).sum(-1), "hessian": hess,
+                "laplacian hutchinson": torch.einsum("s...j,...ijk,s...k->...i", e, hess, e) / case.num_samples}
+    actual = {"laplacian": torchjac.laplacian(f, x, cond=cond), "hessian": torchjac.hessian(f, x, cond=cond),
+              "laplacian hutchinson": torchjac.laplacian(f, x, cond=cond, estimator="hutchinson", noise=noise)}
+    weights = _loss_weights(case.seed)
+    for name, want in expected.items():
+        got = actual[name]
+        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        _assert_close_to(got.detach(), want.detach(), name)
+        w = weights(name, want)
+        grads = [torch.autograd.grad((w * out).sum(), leaves, allow_unused=True, materialize_grads=True,
+                                     retain_graph=True) for out in (got, want)]
+        for i, (g, g_ref) in enumerate(zip(*grads)):
+            _assert_close_to(g, g_ref, f"{name} gradient {i}")

@@ -15,3 +15,5 @@ def test_random_models_match_the_oracle(case):
         fuzzing.check_func_jvp(case)
     if case.check_compiled:
         fuzzing.check_compiled(case)
+    if case.check_second_order:
+        fuzzing.check_second_order(case)

@@ -99,7 +99,9 @@ def test_unrecognized_module_says_which_node_stopped_it():
 
 
 def test_explain_reports_each_path():
-    assert str(torchjac.explain(torchjac.PointMLP(3, [8], 3))) == "fused: torchjac.PointMLP; jacobian in forward mode (d_in=3, d_out=3)"
+    assert str(torchjac.explain(torchjac.PointMLP(3, [8], 3))) == ("fused: torchjac.PointMLP; jacobian in forward mode "
+                                                                  "(d_in=3, d_out=3); laplacian and hessian in forward "
+                                                                  "mode, with second-order rows")
     assert torchjac.explain(nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8))).detail.startswith(
         "nn.Sequential layer '1' (LayerNorm)")
     assert torchjac.explain(nn.Sequential(nn.Conv1d(3, 8, 1), nn.ReLU(), nn.Conv1d(8, 3, 1))).path == "fused"

@@ -1,13 +1,14 @@
 """The supported activations: code, parameters, value and derivatives.
 
 This is the only Python source of the activation math. Each activation is a
-code (an int passed to the ops) and two float parameters. The forward-tangent
-pass uses ``value`` and ``derivative``; the reverse pass through the tangents
-and the second-order (Laplacian, Hessian) pass also need ``second_derivative``,
-and the reverse of the second-order pass ``third_derivative``. All are written
-with differentiable ops, so autograd through them gives the next order (double
-backward). The CUDA
-kernels mirror these formulas in ``csrc/cuda/activations.cuh``.
+code (an int passed to the ops) and two float parameters. ``derivatives`` gives
+the value and the derivatives a pass asks for at once, sharing their work (one
+tanh serves Tanh's value and all its derivatives): the forward-tangent pass asks
+for orders 0 and 1, the reverse pass through the tangents and the second-order
+(Laplacian, Hessian) pass for order 2 as well, the reverse of the second-order
+pass for order 3. All are written with differentiable ops, so autograd through
+them gives the next order (double backward). The CUDA kernels mirror these
+formulas in ``csrc/cuda/activations.cuh``.
 
 Each derivative matches the one PyTorch's own autograd uses, including the
 choice at kinks: ReLU'(0) = 0, LeakyReLU'(0) = slope, ELU'(0) = alpha but
@@ -61,66 +62,118 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _GELU_TANH_C = 0.044715
 
 
+def _identity(z, p0, p1):
+    return {0: lambda: z, 1: lambda: torch.ones_like(z), 2: lambda: torch.zeros_like(z),
+            3: lambda: torch.zeros_like(z)}
+
+
+def _relu(z, p0, p1):  # the inner where passes a NaN z through
+    return {0: lambda: F.relu(z), 1: lambda: torch.where(z > 0, 1.0, torch.where(z <= 0, 0.0, z)),
+            2: lambda: torch.zeros_like(z), 3: lambda: torch.zeros_like(z)}
+
+
+def _leaky_relu(z, p0, p1):
+    return {0: lambda: F.leaky_relu(z, p0), 1: lambda: torch.where(z > 0, 1.0, torch.where(z <= 0, p0, z)),
+            2: lambda: torch.zeros_like(z), 3: lambda: torch.zeros_like(z)}
+
+
+def _softplus(z, p0, p1):
+    bz = z if p0 == 1.0 else z * p0
+    s = torch.sigmoid(bz)
+    return {0: lambda: F.softplus(z, p0, p1), 1: lambda: torch.where(bz > p1, 1.0, s),
+            2: lambda: torch.where(bz >= p1, 0.0, p0 * s * (1 - s)),
+            3: lambda: torch.where(bz >= p1, 0.0, (p0 * p0) * s * (1 - s) * (1 - 2 * s))}
+
+
+def _silu(z, p0, p1):
+    s = torch.sigmoid(z)
+    return {0: lambda: F.silu(z), 1: lambda: s * (1 + z * (1 - s)),
+            2: lambda: s * (1 - s) * (2 + z * (1 - 2 * s)),
+            3: lambda: s * (1 - s) * ((1 - 2 * s) * (3 + z * (1 - 2 * s)) - 2 * z * s * (1 - s))}
+
+
+def _gelu(z, p0, p1):
+    pdf = _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
+    return {0: lambda: F.gelu(z), 1: lambda: 0.5 * (1 + torch.erf(z * _INV_SQRT_2)) + z * pdf,
+            2: lambda: pdf * (2 - z * z), 3: lambda: pdf * z * (z * z - 4)}
+
+
+def _gelu_tanh(z, p0, p1):
+    u = _SQRT_2_OVER_PI * (z + _GELU_TANH_C * z ** 3)
+    du = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_C * z * z)
+    ddu = _SQRT_2_OVER_PI * 6 * _GELU_TANH_C * z
+    dddu = _SQRT_2_OVER_PI * 6 * _GELU_TANH_C
+    t = torch.tanh(u)
+    sech2 = 1 - t * t
+    inner = du + 0.5 * z * (ddu - 2 * t * du * du)  # the second derivative is sech2 * inner
+
+    def third():
+        d_inner = 1.5 * ddu - t * du * du + 0.5 * z * (dddu - 2 * sech2 * du ** 3 - 4 * t * du * ddu)
+        return sech2 * (d_inner - 2 * t * du * inner)
+    return {0: lambda: F.gelu(z, approximate="tanh"), 1: lambda: 0.5 * (1 + t) + 0.5 * z * sech2 * du,
+            2: lambda: sech2 * inner, 3: third}
+
+
+def _tanh(z, p0, p1):
+    t = torch.tanh(z)
+    sech2 = 1 - t * t
+    return {0: lambda: t, 1: lambda: sech2, 2: lambda: -2 * t * sech2, 3: lambda: sech2 * (6 * t * t - 2)}
+
+
+def _sigmoid(z, p0, p1):
+    s = torch.sigmoid(z)
+    slope = s * (1 - s)
+    return {0: lambda: s, 1: lambda: slope, 2: lambda: slope * (1 - 2 * s), 3: lambda: slope * (1 - 6 * s + 6 * s * s)}
+
+
+def _elu(z, p0, p1):
+    e = p0 * torch.exp(z)
+    return {0: lambda: F.elu(z, p0), 1: lambda: torch.where(z > 0, 1.0, e), 2: lambda: torch.where(z >= 0, 0.0, e),
+            3: lambda: torch.where(z >= 0, 0.0, e)}
+
+
+def _sine(z, p0, p1):
+    wz = p0 * z
+    return {0: lambda: torch.sin(wz), 1: lambda: p0 * torch.cos(wz), 2: lambda: -(p0 * p0) * torch.sin(wz),
+            3: lambda: -(p0 ** 3) * torch.cos(wz)}
+
+
+# Per code: (z, p0, p1) -> {order: thunk}; what the thunks share is computed once, before them.
+_TAYLOR = {Act.IDENTITY: _identity, Act.RELU: _relu, Act.LEAKY_RELU: _leaky_relu, Act.SOFTPLUS: _softplus,
+           Act.SILU: _silu, Act.GELU: _gelu, Act.GELU_TANH: _gelu_tanh, Act.TANH: _tanh, Act.SIGMOID: _sigmoid,
+           Act.ELU: _elu, Act.SINE: _sine}
+
+
+def derivatives(code: int, p0: float, p1: float, z: torch.Tensor, orders) -> tuple:
+    """The activation's value (order 0) and derivatives d^n value / d z^n (orders 1 to 3) at z, one per order
+    asked for, computing what they share once: one tanh gives Tanh's value and every derivative.
+
+    Written with differentiable ops, so autograd through order n gives order n + 1.
+    """
+    terms = _TAYLOR.get(code)
+    if terms is None:
+        raise ValueError(f"unknown activation code {code}")
+    table = terms(z, p0, p1)
+    return tuple(table[n]() for n in orders)
+
+
 def value(code: int, p0: float, p1: float, z: torch.Tensor) -> torch.Tensor:
-    if code == Act.IDENTITY:
-        return z
-    if code == Act.RELU:
-        return F.relu(z)
-    if code == Act.LEAKY_RELU:
-        return F.leaky_relu(z, p0)
-    if code == Act.SOFTPLUS:
-        return F.softplus(z, p0, p1)
-    if code == Act.SILU:
-        return F.silu(z)
-    if code == Act.GELU:
-        return F.gelu(z)
-    if code == Act.GELU_TANH:
-        return F.gelu(z, approximate="tanh")
-    if code == Act.TANH:
-        return torch.tanh(z)
-    if code == Act.SIGMOID:
-        return torch.sigmoid(z)
-    if code == Act.ELU:
-        return F.elu(z, p0)
-    if code == Act.SINE:
-        return torch.sin(p0 * z)
-    raise ValueError(f"unknown activation code {code}")
+    return derivatives(code, p0, p1, z, (0,))[0]
 
 
 def derivative(code: int, p0: float, p1: float, z: torch.Tensor) -> torch.Tensor:
-    """d value / d z, written with differentiable ops so autograd gives the second derivative."""
-    if code == Act.IDENTITY:
-        return torch.ones_like(z)
-    if code == Act.RELU:  # the inner where passes a NaN z through
-        return torch.where(z > 0, 1.0, torch.where(z <= 0, 0.0, z))
-    if code == Act.LEAKY_RELU:
-        return torch.where(z > 0, 1.0, torch.where(z <= 0, p0, z))
-    if code == Act.SOFTPLUS:
-        bz = z if p0 == 1.0 else z * p0
-        return torch.where(bz > p1, 1.0, torch.sigmoid(bz))
-    if code == Act.SILU:
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    if code == Act.GELU:
-        cdf = 0.5 * (1 + torch.erf(z * _INV_SQRT_2))
-        pdf = _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
-        return cdf + z * pdf
-    if code == Act.GELU_TANH:
-        u = _SQRT_2_OVER_PI * (z + _GELU_TANH_C * z ** 3)
-        du = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_C * z * z)
-        t = torch.tanh(u)
-        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * du
-    if code == Act.TANH:
-        t = torch.tanh(z)
-        return 1 - t * t
-    if code == Act.SIGMOID:
-        s = torch.sigmoid(z)
-        return s * (1 - s)
-    if code == Act.ELU:
-        return torch.where(z > 0, 1.0, p0 * torch.exp(z))
-    if code == Act.SINE:
-        return p0 * torch.cos(p0 * z)
-    raise ValueError(f"unknown activation code {code}")
+    """d value / d z."""
+    return derivatives(code, p0, p1, z, (1,))[0]
+
+
+def second_derivative(code: int, p0: float, p1: float, z: torch.Tensor) -> torch.Tensor:
+    """d² value / d z², used by the reverse pass through the tangents and the second-order pass."""
+    return derivatives(code, p0, p1, z, (2,))[0]
+
+
+def third_derivative(code: int, p0: float, p1: float, z: torch.Tensor) -> torch.Tensor:
+    """d³ value / d z³, used by the reverse of the second-order pass (Laplacian, Hessian)."""
+    return derivatives(code, p0, p1, z, (3,))[0]
 
 
 SUPPORTED_MODULES = (nn.Identity, nn.ReLU, nn.LeakyReLU, nn.Softplus, nn.SiLU, nn.GELU,
@@ -175,72 +228,3 @@ def encode(module: nn.Module):
         return Act.SINE, float(module.w0), 0.0
     return None
 
-
-def second_derivative(code: int, p0: float, p1: float, z: torch.Tensor) -> torch.Tensor:
-    """d² value / d z², used by the reverse pass through the tangents."""
-    if code in (Act.IDENTITY, Act.RELU, Act.LEAKY_RELU):
-        return torch.zeros_like(z)
-    if code == Act.SOFTPLUS:
-        bz = z if p0 == 1.0 else z * p0
-        s = torch.sigmoid(bz)
-        return torch.where(bz >= p1, 0.0, p0 * s * (1 - s))
-    if code == Act.SILU:
-        s = torch.sigmoid(z)
-        return s * (1 - s) * (2 + z * (1 - 2 * s))
-    if code == Act.GELU:
-        pdf = _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
-        return pdf * (2 - z * z)
-    if code == Act.GELU_TANH:
-        u = _SQRT_2_OVER_PI * (z + _GELU_TANH_C * z ** 3)
-        du = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_C * z * z)
-        ddu = _SQRT_2_OVER_PI * 6 * _GELU_TANH_C * z
-        t = torch.tanh(u)
-        return (1 - t * t) * (du + 0.5 * z * (ddu - 2 * t * du * du))
-    if code == Act.TANH:
-        t = torch.tanh(z)
-        return -2 * t * (1 - t * t)
-    if code == Act.SIGMOID:
-        s = torch.sigmoid(z)
-        return s * (1 - s) * (1 - 2 * s)
-    if code == Act.ELU:
-        return torch.where(z >= 0, 0.0, p0 * torch.exp(z))
-    if code == Act.SINE:
-        return -(p0 * p0) * torch.sin(p0 * z)
-    raise ValueError(f"unknown activation code {code}")
-
-
-def third_derivative(code: int, p0: float, p1: float, z: torch.Tensor) -> torch.Tensor:
-    """d³ value / d z³, used by the reverse pass of the second-order pass (Laplacian, Hessian)."""
-    if code in (Act.IDENTITY, Act.RELU, Act.LEAKY_RELU):
-        return torch.zeros_like(z)
-    if code == Act.SOFTPLUS:
-        bz = z if p0 == 1.0 else z * p0
-        s = torch.sigmoid(bz)
-        return torch.where(bz >= p1, 0.0, (p0 * p0) * s * (1 - s) * (1 - 2 * s))
-    if code == Act.SILU:
-        s = torch.sigmoid(z)
-        return s * (1 - s) * ((1 - 2 * s) * (3 + z * (1 - 2 * s)) - 2 * z * s * (1 - s))
-    if code == Act.GELU:
-        pdf = _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
-        return pdf * z * (z * z - 4)
-    if code == Act.GELU_TANH:
-        u = _SQRT_2_OVER_PI * (z + _GELU_TANH_C * z ** 3)
-        du = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_C * z * z)
-        ddu = _SQRT_2_OVER_PI * 6 * _GELU_TANH_C * z
-        dddu = _SQRT_2_OVER_PI * 6 * _GELU_TANH_C
-        t = torch.tanh(u)
-        sech2 = 1 - t * t
-        inner = du + 0.5 * z * (ddu - 2 * t * du * du)  # the second derivative is sech2 * inner
-        d_inner = 1.5 * ddu - t * du * du + 0.5 * z * (dddu - 2 * sech2 * du ** 3 - 4 * t * du * ddu)
-        return sech2 * (d_inner - 2 * t * du * inner)
-    if code == Act.TANH:
-        t = torch.tanh(z)
-        return (1 - t * t) * (6 * t * t - 2)
-    if code == Act.SIGMOID:
-        s = torch.sigmoid(z)
-        return s * (1 - s) * (1 - 6 * s + 6 * s * s)
-    if code == Act.ELU:
-        return torch.where(z >= 0, 0.0, p0 * torch.exp(z))
-    if code == Act.SINE:
-        return -(p0 ** 3) * torch.cos(p0 * z)
-    raise ValueError(f"unknown activation code {code}")

@@ -80,7 +80,8 @@ class SecondOrder:
         """q(tz) (n_rows, P or 1, n) from the tangent rows tz (k, P or 1, n)."""
         if self.collapsed:
             return (tz * tz).sum(0, keepdim=True)
-        return tz[self.first] * tz[self.second]
+        # triu_indices lists the pairs row by row: (a, a), (a, a+1), ... for each a, so no gathers are needed.
+        return torch.cat([tz[a:a + 1] * tz[a:] for a in range(self.k)])
 
     def quadratic_adjoint(self, g_q: torch.Tensor, tz: torch.Tensor) -> torch.Tensor:
         """Gradient w.r.t. tz (k, P, n) of <g_q, q(tz)>."""
@@ -173,21 +174,30 @@ def non_finite_points(inp: torch.Tensor, dims, keepdim: bool = False) -> torch.T
     return (inp - inp).sum(dims, keepdim=keepdim)
 
 
-def _tangent_scale(code, p0, p1, z, non_finite):
-    """act'(z), which scales the tangents (None for Identity), with the first layer's non-finite points NaN."""
-    slope = None if code == act.Act.IDENTITY else act.derivative(code, p0, p1, z)
-    if non_finite is None:
-        return slope
-    return non_finite + 1 if slope is None else slope + non_finite
+def _activation_terms(code, p0, p1, z, non_finite, orders):
+    """The activation's value and derivatives of `orders` at z (act.derivatives, which shares their work).
+
+    For Identity the derivatives are None: nothing to scale by, no curvature. The slope (order 1), which
+    scales the tangents, is NaN at the first layer's non-finite points.
+    """
+    if code == act.Act.IDENTITY:
+        terms = [z if n == 0 else None for n in orders]
+    else:
+        terms = list(act.derivatives(code, p0, p1, z, orders))
+    if non_finite is not None and 1 in orders:
+        at = orders.index(1)
+        terms[at] = non_finite + 1 if terms[at] is None else terms[at] + non_finite
+    return terms
 
 
-def _with_curvature(rows, curvature, differentiable):
-    """rows (1+k+m or k+m, ...) with curvature added to their last m (second-order) rows."""
-    if curvature is None:
+def _with_curvature(rows, d2, q, differentiable):
+    """rows (1+k+m or k+m, ...) with act''(z) * q(tz) added to their last m (second-order) rows; d2 None: none."""
+    if d2 is None:
         return rows
+    m = q.shape[0]
     if differentiable:
-        return torch.cat([rows[:-curvature.shape[0]], rows[-curvature.shape[0]:] + curvature])
-    rows[-curvature.shape[0]:] += curvature
+        return torch.cat([rows[:-m], rows[-m:] + d2 * q])
+    rows[-m:].addcmul_(d2, q)
     return rows
 
 
@@ -233,15 +243,14 @@ def _propagate(x, cond, weights, biases, activations, activation_params, skip_la
                     tz = torch.cat([tz[:k] + x_term, tz[k:]])
         if keep_states:
             states.append(LayerState(rows, z, tz))
-        h = act.value(code, p0, p1, z)
-        scale = _tangent_scale(code, p0, p1, z, non_finite if i == 0 else None)
-        curvature = None
-        if second is not None and scale is not None:
-            curvature = act.second_derivative(code, p0, p1, z) * second.quadratic(tz[:k])
+        h, scale, *d2 = _activation_terms(code, p0, p1, z, non_finite if i == 0 else None,
+                                          (0, 1) if second is None else (0, 1, 2))
+        d2 = d2[0] if d2 else None
+        q = None if d2 is None else second.quadratic(tz[:k])
         if i + 1 == len(weights):
             t = tz if scale is None else scale * tz
-            return h, _with_curvature(t.expand(-1, n_points, -1), curvature, True), states
-        rows = _with_curvature(_stack_rows(h, tz, scale, differentiable), curvature, differentiable)
+            return h, _with_curvature(t.expand(-1, n_points, -1), d2, q, True), states
+        rows = _with_curvature(_stack_rows(h, tz, scale, differentiable), d2, q, differentiable)
 
 
 def _pull_back(x, cond, weights, biases, activations, activation_params, skip_layers, keep_z=False):
@@ -259,8 +268,8 @@ def _pull_back(x, cond, weights, biases, activations, activation_params, skip_la
             z = z + inp @ w[:, n_h:].t()
         if keep_z:
             pre.append(z)
-        slopes.append(_tangent_scale(code, p0, p1, z, non_finite if i == 0 else None))
-        h = act.value(code, p0, p1, z)
+        h, slope = _activation_terms(code, p0, p1, z, non_finite if i == 0 else None, (0, 1))
+        slopes.append(slope)
     d_out = h.shape[1]
     g = torch.eye(d_out, dtype=x.dtype, device=x.device).unsqueeze(1)  # (d_out, 1, d_out): e_j at every point
     jac = None
@@ -392,16 +401,15 @@ def backward(mode, grad_y, grad_out, x, cond, weights: Sequence[torch.Tensor], b
     for i in reversed(range(len(weights))):
         w, state = weights[i], states[i]
         code, p0, p1 = activations[i], activation_params[2 * i], activation_params[2 * i + 1]
-        d1 = _tangent_scale(code, p0, p1, state.z, non_finite if i == 0 else None)
+        d1, d2, *d3 = _activation_terms(code, p0, p1, state.z, non_finite if i == 0 else None,
+                                        (1, 2) if second is None else (1, 2, 3))
         tangent_curvature = None
-        if d1 is None:
-            g_z = g_h
-        else:
-            d2 = act.second_derivative(code, p0, p1, state.z)
-            g_z = g_h * d1 + (g_t * state.tz).sum(0) * d2
+        g_z = g_h if d1 is None else g_h * d1
+        if d2 is not None:
+            g_z = g_z + (g_t * state.tz).sum(0) * d2
             if second is not None:  # s = d1 * sz + d2 * q(tz): q feeds z through d3 and tz through d2
                 g_s, tz = g_t[k:], state.tz[:k]
-                g_z = g_z + (g_s * second.quadratic(tz)).sum(0) * act.third_derivative(code, p0, p1, state.z)
+                g_z = g_z + (g_s * second.quadratic(tz)).sum(0) * d3[0]
                 tangent_curvature = d2 * second.quadratic_adjoint(g_s, tz)
         g_biases[i] = g_z.sum(0)
         g_rows = _stack_rows(g_z, g_t, d1, differentiable)  # [g_z; g_tz; g_sz], each tail row d1 * g_t

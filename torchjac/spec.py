@@ -422,15 +422,16 @@ def _recipe_detail(f: nn.Module, recipe: Recipe) -> str:
 
 
 def _direction_note(d_in: Optional[int], d_out: int) -> str:
-    """Which direction the fused jacobian takes; d_in is None when cond's width hides it."""
+    """Which direction the fused jacobian (and second order) takes; d_in is None when cond's width hides it."""
     cpu = torch.device("cpu")
     fused_cuda = has_fused_forward_kernel(torch.device("cuda"))
     where = "; jacobian on the CPU" if fused_cuda else "; jacobian"
     cuda = ", on CUDA in forward mode (the fused kernel)" if fused_cuda else ""
+    second = "; laplacian and hessian in forward mode, with second-order rows"
     if d_in is None:
         return (f"{where} in forward mode, or in reverse mode if d_out={d_out} < d_in (x's features, cond's not "
-                f"counted){cuda}")
-    return f"{where} in {jacobian_direction(d_in, d_out, cpu)} mode (d_in={d_in}, d_out={d_out}){cuda}"
+                f"counted){cuda}{second}")
+    return f"{where} in {jacobian_direction(d_in, d_out, cpu)} mode (d_in={d_in}, d_out={d_out}){cuda}{second}"
 
 
 def _recipe_dims(f: nn.Module, recipe: Recipe, has_cond: bool) -> Tuple[Optional[int], int]:
