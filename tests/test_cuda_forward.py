@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import jacrev, vmap
+from torch.func import hessian, jacrev, vmap
 
 import torchjac  # noqa: F401  (loads torchjac._C: the op schemas and the CUDA kernels)
 from cuda_backend import DEVICE, needs_real_gpu, requires_kernels
@@ -105,6 +105,24 @@ def make_mlp(d_in, d_out, hidden, c=0, act=SOFTPLUS, last_act=IDENTITY, skips=()
 
 def oracle(mlp, x, cond, dtype=torch.float64):
     """(y, J) of the MLP at every point, in `dtype`, with vmap(jacrev)."""
+    f, xs, cs, lead = _point_function(mlp, x, cond, dtype)
+    y = vmap(f)(xs, cs)
+    jac = vmap(jacrev(f))(xs, cs)
+    d_out = y.shape[-1]
+    return y.reshape(*lead, d_out), jac.reshape(*lead, d_out, x.shape[-1])
+
+
+def oracle_hessian(mlp, x, cond):
+    """(y, H) of the MLP at every point, in float64, with vmap(torch.func.hessian)."""
+    f, xs, cs, lead = _point_function(mlp, x, cond, torch.float64)
+    y = vmap(f)(xs, cs)
+    hess = vmap(hessian(f))(xs, cs)
+    return y.reshape(*lead, y.shape[-1]), hess.reshape(*lead, *hess.shape[-3:])
+
+
+def _point_function(mlp, x, cond, dtype):
+    """(f(x_point, cond_point), the points, their cond rows, x's leading shape): the MLP in `dtype` with
+    torch.nn.functional."""
     d_in, c = x.shape[-1], cond.shape[-1]
     lead = x.shape[:-1]
     xs = x.detach().reshape(-1, d_in).to(dtype)
@@ -125,10 +143,7 @@ def oracle(mlp, x, cond, dtype=torch.float64):
             h = ORACLE_ACTIVATIONS[code](w @ inp + b, mlp.params[2 * layer], mlp.params[2 * layer + 1])
         return h
 
-    y = vmap(f)(xs, cs)
-    jac = vmap(jacrev(f))(xs, cs)
-    d_out = y.shape[-1]
-    return y.reshape(*lead, d_out), jac.reshape(*lead, d_out, d_in)
+    return f, xs, cs, lead
 
 
 @contextlib.contextmanager
@@ -369,6 +384,74 @@ def test_hutchinson(samples, dtype):
     assert_close(div, torch.einsum("...si,...ij,...sj->...", e, jac64, e) / samples, dtype, "hutchinson")
 
 
+# --- second order -------------------------------------------------------------
+
+def check_second_order(mlp, x, cond, dtype, noise=None):
+    """The fused Laplacian, Hessian and (with noise) Hutchinson Laplacian against vmap(hessian)."""
+    y64, hess = oracle_hessian(mlp, x, cond)
+    results = {"laplacian": (fused("mlp_laplacian", x, cond, *mlp.args()), hess.diagonal(0, -2, -1).sum(-1)),
+               "hessian": (fused("mlp_hessian", x, cond, *mlp.args()), hess)}
+    if noise is not None:
+        e = noise.double()
+        results["laplacian_hutchinson"] = (fused("mlp_laplacian_hutchinson", x, cond, *mlp.args(), noise),
+                                           torch.einsum("...sj,...ijk,...sk->...i", e, hess, e) / e.shape[-2])
+    for name, ((y, out), expected) in results.items():
+        assert_close(y, y64, dtype, f"{name}: y")
+        assert_close(out, expected, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("act", ACTIVATION_CASES, ids=[a[0] for a in ACTIVATION_CASES])
+def test_second_order_every_activation(act, dtype):
+    mlp = make_mlp(3, 2, [32] * 3, c=2, act=act[1:], skips=(2,), dtype=dtype)
+    x = points(2, 20, d_in=3, dtype=dtype)
+    cond = points(2, 1, d_in=2, dtype=dtype, seed=4)
+    check_second_order(mlp, x, cond, dtype, noise=points(2, 20, 3, d_in=3, dtype=dtype, seed=5))
+
+
+@pytest.mark.parametrize("width", TEMPLATE_WIDTHS)
+def test_second_order_every_width(width):
+    mlp = make_mlp(3, 1, [width] * 3, act=(7, 0.0, 0.0), dtype=torch.float64)
+    check_second_order(mlp, points(70, d_in=3, dtype=torch.float64), no_cond(points(70, d_in=3, dtype=torch.float64)),
+                       torch.float64)
+
+
+@pytest.mark.parametrize("d_in,d_out", [(1, 1), (2, 3), (5, 2), (16, 1)])
+def test_second_order_in_out_dims(d_in, d_out):
+    """d_in = 16 at width 32: 1 + 16 + 136 rows per point, which a width-32 tile still holds."""
+    mlp = make_mlp(d_in, d_out, [32] * 2, dtype=torch.float64)
+    x = points(40, d_in=d_in, dtype=torch.float64)
+    check_second_order(mlp, x, no_cond(x), torch.float64)
+
+
+@pytest.mark.parametrize("samples", [1, 16, 17, 33])
+def test_laplacian_hutchinson_passes(samples):
+    """More than 16 noise samples run as several passes, which add up their parts."""
+    mlp = make_mlp(3, 3, [64] * 3, c=1, dtype=torch.float64)
+    x = points(50, d_in=3, dtype=torch.float64)
+    cond = points(50, d_in=1, dtype=torch.float64, seed=6)
+    noise = points(50, samples, d_in=3, dtype=torch.float64, seed=7)
+    y64, hess = oracle_hessian(mlp, x, cond)
+    y, lap = fused("mlp_laplacian_hutchinson", x, cond, *mlp.args(), noise)
+    assert_close(y, y64, torch.float64, "y")
+    assert_close(lap, torch.einsum("nsj,nijk,nsk->ni", noise, hess, noise) / samples, torch.float64,
+                 "laplacian_hutchinson")
+
+
+def test_hessian_too_large_for_a_tile_falls_back_and_is_right():
+    """d_in = 16 at width 256: 153 rows per point, more than the tile's 32: the reference path, warned."""
+    mlp = make_mlp(16, 1, [256] * 2, dtype=torch.float64)
+    x = points(5, d_in=16, dtype=torch.float64)
+    torch.set_warn_always(True)
+    try:
+        with fallback_messages() as fell_back:
+            y, hess = torch.ops.torchjac.mlp_hessian(x, no_cond(x), *mlp.args())[:2]
+    finally:
+        torch.set_warn_always(False)
+    assert fell_back and "Hessian rows" in fell_back[0]
+    assert_close(hess, oracle_hessian(mlp, x, no_cond(x))[1], torch.float64, "hessian")
+
+
 # --- the glue: shapes, layouts, errors ---------------------------------------
 
 def call_all_ops(x, cond, mlp, k=2):
@@ -379,6 +462,9 @@ def call_all_ops(x, cond, mlp, k=2):
         "mlp_divergence": fused("mlp_divergence", x, cond, *mlp.args()),
         "mlp_jvp": fused("mlp_jvp", x, cond, *mlp.args(), tangents),
         "mlp_hutchinson": fused("mlp_hutchinson", x, cond, *mlp.args(), tangents),
+        "mlp_laplacian": fused("mlp_laplacian", x, cond, *mlp.args()),
+        "mlp_laplacian_hutchinson": fused("mlp_laplacian_hutchinson", x, cond, *mlp.args(), tangents),
+        "mlp_hessian": fused("mlp_hessian", x, cond, *mlp.args()),
     }
 
 
@@ -389,7 +475,8 @@ def test_zero_points(lead):
     cond = torch.zeros(*lead, 1, device=DEVICE, dtype=torch.float64)
     out = call_all_ops(x, cond, mlp)
     expected = {"mlp_jacobian": (*lead, 3, 3), "mlp_divergence": lead, "mlp_jvp": (*lead, 2, 3),
-                "mlp_hutchinson": lead}
+                "mlp_hutchinson": lead, "mlp_laplacian": (*lead, 3), "mlp_laplacian_hutchinson": (*lead, 3),
+                "mlp_hessian": (*lead, 3, 3, 3)}
     for name, (y, second) in out.items():
         assert y.shape == (*lead, 3), name
         assert second.shape == expected[name], name
@@ -462,9 +549,13 @@ def opcheck_samples():
         yield "mlp_divergence", common
         yield "mlp_jvp", common + (tangents.requires_grad_(requires_grad),)
         yield "mlp_hutchinson", common + (tangents.detach(),)
+        yield "mlp_laplacian", common
+        yield "mlp_laplacian_hutchinson", common + (tangents.detach(),)
+        yield "mlp_hessian", common
 
 
-@pytest.mark.parametrize("op_name", ["mlp_jacobian", "mlp_divergence", "mlp_jvp", "mlp_hutchinson"])
+@pytest.mark.parametrize("op_name", ["mlp_jacobian", "mlp_divergence", "mlp_jvp", "mlp_hutchinson", "mlp_laplacian",
+                                     "mlp_laplacian_hutchinson", "mlp_hessian"])
 def test_opcheck(op_name):
     for name, args in opcheck_samples():
         if name == op_name:

@@ -240,13 +240,17 @@ def test_errors_name_the_argument():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", MODES)
-def test_cuda_runs_the_pure_pytorch_path_and_equals_cpu(mode):
+def test_cuda_equals_cpu(mode):
+    """The fused forward kernel (the pure-PyTorch path for the backward) against the CPU, values and gradients."""
     f = _model(nn.Softplus(beta=10))
     x, cond = torch.randn(64, 3, dtype=torch.float64), torch.randn(64, 2, dtype=torch.float64)
     noise = torch.randn(2, 64, 3, dtype=torch.float64)
     expected = _second_order(mode, f, x, cond, noise)
-    actual = _second_order(mode, f.cuda(), x.cuda(), cond.cuda(), noise.cuda())
-    for a, e in zip(actual, expected):
+    expected_grads = torch.autograd.grad(expected[1].pow(2).sum(), list(f.parameters()))
+    f_cuda = f.cuda()
+    actual = _second_order(mode, f_cuda, x.cuda(), cond.cuda(), noise.cuda())
+    actual_grads = torch.autograd.grad(actual[1].pow(2).sum(), list(f_cuda.parameters()))
+    for a, e in zip(list(actual) + list(actual_grads), list(expected) + list(expected_grads)):
         assert_close64(a.cpu(), e)
 
 

@@ -49,6 +49,9 @@ inline const char* mode_name(MlpMode mode) {
     case MlpMode::kDivergence: return "divergence";
     case MlpMode::kJvp: return "jvp";
     case MlpMode::kHutchinson: return "hutchinson";
+    case MlpMode::kLaplacian: return "laplacian";
+    case MlpMode::kLaplacianHutchinson: return "laplacian_hutchinson";
+    case MlpMode::kHessian: return "hessian";
   }
   return "?";
 }
@@ -130,7 +133,8 @@ inline int64_t check_mlp_inputs(const std::string& op, MlpMode mode, const MlpIn
                       act::kNumCodes - 1, "], got ", code);
     width = w.size(0);
   }
-  const char* tname = mode == MlpMode::kHutchinson ? "noise" : "tangents";
+  const bool noise = mode == MlpMode::kHutchinson || mode == MlpMode::kLaplacianHutchinson;
+  const char* tname = noise ? "noise" : "tangents";
   std::vector<std::pair<std::string, const at::Tensor*>> like_x = std::move(also_like_x);
   like_x.push_back({"cond", &cond});
   for (int64_t l = 0; l < L; ++l) like_x.push_back({"weights[" + std::to_string(l) + "]", &in.weights[l]});
@@ -159,7 +163,7 @@ inline int64_t check_mlp_inputs(const std::string& op, MlpMode mode, const MlpIn
     std::string expected = "(";
     for (int64_t d = 0; d + 1 < x.dim(); ++d) expected += std::to_string(x.size(d)) + ", ";
     TORCH_CHECK_VALUE(ok, op, tname, ": expected shape ", expected, "'k', ", d_in, "), got ", shape_str(t.sizes()));
-    if (mode == MlpMode::kHutchinson) {
+    if (noise) {
       TORCH_CHECK_VALUE(t.size(-2) >= 1, op, "noise: expected at least one sample, got shape ", shape_str(t.sizes()));
     }
   }

@@ -122,9 +122,7 @@ struct BackwardParams {
 // Kernel parameters are passed by value; 4 KB is the limit on every supported toolkit and driver.
 static_assert(sizeof(BackwardParams<double>) <= 4096, "kernel parameters too large");
 
-__device__ __forceinline__ bool is_basis(int mode) {
-  return mode == static_cast<int>(MlpMode::kJacobian) || mode == static_cast<int>(MlpMode::kDivergence);
-}
+__device__ __forceinline__ bool is_basis(int mode) { return is_basis_mode(static_cast<MlpMode>(mode)); }
 
 // Tile rows are point-major: point pt owns row pt*kp1 (h) and rows pt*kp1 + s
 // (tangent s-1). Rows at or past npts*kp1 hold garbage: every sum over rows
@@ -578,6 +576,7 @@ Plan make_plan(const MlpBackwardArgs& args, int device) {
     return plan;
   };
   const MlpForwardArgs& a = args.forward;
+  if (second_order_rows(a.mode, 1) > 0) return fail("the second-order modes have no fused backward");
   // The backward covers what the forward covers (shapes, widths, dtypes, layers).
   if (const char* why = mlp_forward_unsupported_reason(a, device)) return fail(why);
   const bool is_double = a.dtype == ScalarKind::kFloat64;
@@ -607,7 +606,7 @@ Plan make_plan(const MlpBackwardArgs& args, int device) {
     return fail("the backward tile does not fit in the device's shared memory (wide cond, or float64 at width 256)");
   }
 
-  const bool basis = a.mode == MlpMode::kJacobian || a.mode == MlpMode::kDivergence;
+  const bool basis = is_basis_mode(a.mode);
   plan.total_tangents = basis ? a.d_in : a.num_tangents;
   plan.per_pass = basis ? a.d_in : kMaxTangentsPerPass;
   int64_t sum_out = 0;

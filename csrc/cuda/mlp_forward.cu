@@ -1,5 +1,6 @@
 // Fused forward kernels: one thread block owns a tile of points and keeps the
-// rows [h; t_1 .. t_k] of every point in shared memory through all layers.
+// rows [h; t_1 .. t_k; s_1 .. s_m] of every point in shared memory through all
+// layers (m second-order rows, 0 for the first-order modes).
 // Weights are staged in shared memory in chunks of kChunk input columns.
 // Design notes and coverage: docs/cuda.md; the host API: mlp_forward.cuh.
 #include "mlp_forward.cuh"
@@ -74,6 +75,7 @@ struct KernelParams {
   int64_t tangents_total;
   int64_t tangent_offset;  // first tangent of this pass
   int k;                   // tangents in this pass
+  int m;                   // second-order rows (second_order_rows(mode, k))
   int write_y;
   int accumulate;  // Hutchinson passes after the first add to out
   T num_samples;
@@ -83,25 +85,27 @@ struct KernelParams {
 // Kernel parameters are passed by value; 4 KB is the limit on every supported toolkit and driver.
 static_assert(sizeof(KernelParams<double>) <= 4096, "kernel parameters too large");
 
-// Tile rows are point-major: point pt owns rows pt*kp1 (h) and pt*kp1 + s (tangent s-1).
+// Tile rows are point-major: point pt owns rows pt*rp (h), pt*rp + s (tangent s-1, s <= k) and
+// pt*rp + k + 1 + r (second-order row r), rp = 1 + k + m rows in all.
 // Fills columns [x_col, x_col + d_in + cond_in_kernel) of every tile row.
 template <typename T, int WIDTH>
 __device__ void load_inputs(const KernelParams<T>& p, T* tile, const int64_t* cond_row, int64_t first,
-                            int npts, int kp1) {
+                            int npts, int rp) {
   const int ncols = p.d_in + p.cond_in_kernel;
-  const bool basis = p.mode == static_cast<int>(MlpMode::kJacobian) ||
-                     p.mode == static_cast<int>(MlpMode::kDivergence);
+  const bool basis = is_basis_mode(static_cast<MlpMode>(p.mode));
   for (int e = threadIdx.x; e < Tiling<WIDTH>::kRows * ncols; e += kThreads) {
     const int r = e / ncols;
     const int j = e - r * ncols;
-    const int pt = r / kp1;
-    const int s = r - pt * kp1;
+    const int pt = r / rp;
+    const int s = r - pt * rp;
     T v = T(0);
     if (pt < npts) {
       const int64_t point = first + pt;
       if (j < p.d_in) {
         if (s == 0) {
           v = p.x[point * p.d_in + j];
+        } else if (s > p.k) {
+          v = T(0);  // x's second derivatives
         } else if (basis) {
           v = (j == s - 1) ? T(1) : T(0);
         } else {
@@ -115,16 +119,18 @@ __device__ void load_inputs(const KernelParams<T>& p, T* tile, const int64_t* co
   }
 }
 
-// h <- act(z + b [+ W_c cond]); t <- act'(z) * t, for the tile's valid points.
+// h <- act(z + b [+ W_c cond]); t <- act'(z) * t; s <- act'(z) * s + act''(z) * q(t), for the tile's
+// valid points (k tangents, m second-order rows, see mlp_forward.cuh).
 // For the first layer (first != null) the slope carries the non-finite rule:
 // the point's x and cond are in its h row's input columns, or cond in global memory when projected.
 template <typename T>
 __device__ void activate(const LayerParams<T>& L, T* tile, const int64_t* cond_row, int lda, int npts,
-                         int kp1, const KernelParams<T>* first) {
+                         int k, int m, const KernelParams<T>* first) {
+  const int rp = 1 + k + m;
   for (int e = threadIdx.x; e < npts * L.out; e += kThreads) {
     const int pt = e / L.out;
     const int o = e - pt * L.out;
-    T* h = tile + pt * kp1 * lda + o;
+    T* h = tile + pt * rp * lda + o;
     T z = *h + __ldg(L.bias + o);
     if (L.cond_proj != nullptr) z += __ldg(L.cond_proj + cond_row[pt] * L.out + o);
     const act::Derivatives<T> d = act::evaluate(L.act, L.p0, L.p1, z);
@@ -136,12 +142,28 @@ __device__ void activate(const LayerParams<T>& L, T* tile, const int64_t* cond_r
       }
     }
     *h = d.value;
-    for (int s = 1; s < kp1; ++s) h[s * lda] *= slope;
+    // The second-order rows read the tangents before they are scaled.
+    T* t = h + lda;
+    T* second = t + k * lda;
+    if (m == 1) {
+      T q = T(0);
+      for (int a = 0; a < k; ++a) q += t[a * lda] * t[a * lda];
+      second[0] = slope * second[0] + d.d2 * q;
+    } else if (m > 1) {
+      for (int a = 0; a < k; ++a) {
+        for (int b = a; b < k; ++b) {
+          T& row = second[hessian_pair_row(a, b, k) * lda];
+          row = slope * row + d.d2 * (t[a * lda] * t[b * lda]);
+        }
+      }
+    }
+    for (int s = 0; s < k; ++s) t[s * lda] *= slope;
   }
 }
 
 template <typename T>
 __device__ void store_outputs(const KernelParams<T>& p, const T* tile, int64_t first, int npts, int kp1) {
+  // kp1: rows per point (1 + k + m); the tangents start at row 1, the second-order rows at row 1 + k.
   const int lda = p.lda, d_in = p.d_in, d_out = p.d_out, k = p.k;
   if (p.write_y) {
     T* y = p.y + first * d_out;
@@ -197,6 +219,33 @@ __device__ void store_outputs(const KernelParams<T>& p, const T* tile, int64_t f
       }
       break;
     }
+    case MlpMode::kLaplacian:
+    case MlpMode::kLaplacianHutchinson: {  // the collapsed row; Hutchinson passes add their part
+      const bool mean = p.mode == static_cast<int>(MlpMode::kLaplacianHutchinson);
+      for (int e = threadIdx.x; e < npts * d_out; e += kThreads) {
+        const int pt = e / d_out;
+        const T v = tile[(pt * kp1 + 1 + k) * lda + (e - pt * d_out)];
+        const T part = mean ? v / p.num_samples : v;
+        T* dst = p.out + first * d_out + e;
+        *dst = p.accumulate ? *dst + part : part;
+      }
+      break;
+    }
+    case MlpMode::kHessian: {  // out (N, d_out, d_in, d_in) from the pair rows, both halves
+      const int per_point = d_out * d_in * d_in;
+      T* out = p.out + first * per_point;
+      for (int e = threadIdx.x; e < npts * per_point; e += kThreads) {
+        const int pt = e / per_point;
+        int r = e - pt * per_point;
+        const int i = r / (d_in * d_in);
+        r -= i * d_in * d_in;
+        const int a = r / d_in;
+        const int b = r - a * d_in;
+        const int pair = a <= b ? hessian_pair_row(a, b, d_in) : hessian_pair_row(b, a, d_in);
+        out[e] = tile[(pt * kp1 + 1 + k + pair) * lda + i];
+      }
+      break;
+    }
   }
 }
 
@@ -210,7 +259,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) mlp_forward_
   T* tile = reinterpret_cast<T*>(cond_row + Tl::kRows);
   T* ws = tile + Tl::kRows * p.lda;
 
-  const int kp1 = p.k + 1;
+  const int kp1 = p.k + 1 + p.m;  // rows per point
   const int per_tile = Tl::kRows / kp1;
   const int64_t num_tiles = (p.num_points + per_tile - 1) / per_tile;
   for (int64_t t = blockIdx.x; t < num_tiles; t += gridDim.x) {
@@ -232,7 +281,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) mlp_forward_
                                      mainloop::StoreRows<T>{tile, p.lda});
       }
       __syncthreads();
-      activate(L, tile, cond_row, p.lda, npts, kp1, l == 0 ? &p : nullptr);
+      activate(L, tile, cond_row, p.lda, npts, p.k, p.m, l == 0 ? &p : nullptr);
       __syncthreads();
     }
     store_outputs(p, tile, first, npts, kp1);
@@ -325,7 +374,8 @@ Plan make_plan(const MlpForwardArgs& a) {
   if (any_skip && a.d_out > H) return fail("skip layers with d_out larger than the hidden width");
   const bool divergence = a.mode == MlpMode::kDivergence || a.mode == MlpMode::kHutchinson;
   if (divergence && a.d_out != a.d_in) return fail("a divergence needs d_out == d_in");
-  if (a.mode == MlpMode::kHutchinson && a.num_tangents < 1) return fail("Hutchinson needs at least one noise sample");
+  const bool noise = a.mode == MlpMode::kHutchinson || a.mode == MlpMode::kLaplacianHutchinson;
+  if (noise && a.num_tangents < 1) return fail("Hutchinson needs at least one noise sample");
   if (a.mode == MlpMode::kJvp && a.num_tangents < 0) return fail("negative number of tangents");
 
   plan.hidden = static_cast<int>(H);
@@ -344,6 +394,11 @@ Plan make_plan(const MlpForwardArgs& a) {
   plan.cond_in_kernel = static_cast<int>(cond_cols);
   plan.lda = static_cast<int>(lda);
   plan.rows = tile_rows(plan.width);
+  // Rows of one point in a pass: the value, its tangents and its second-order rows.
+  const int k_pass = is_basis_mode(a.mode) ? static_cast<int>(a.d_in) : kMaxTangentsPerPass;
+  if (1 + k_pass + second_order_rows(a.mode, k_pass) > plan.rows) {
+    return fail("a point's Hessian rows (1 + d_in + d_in (d_in + 1) / 2) do not fit in one tile at this width");
+  }
   plan.smem_bytes = plan.rows * sizeof(int64_t) + (static_cast<size_t>(plan.rows) * plan.lda + plan.width * kLdw) * plan.elem;
   if (plan.project_cond) {
     for (int64_t l = 0; l < L; ++l)
@@ -355,7 +410,7 @@ Plan make_plan(const MlpForwardArgs& a) {
 template <typename T, int WIDTH>
 cudaError_t launch_width(const KernelParams<T>& kp, const Plan& plan, cudaStream_t stream) {
   auto kernel = mlp_forward_kernel<T, WIDTH>;  // its shared memory limit is raised by device_setup
-  const int per_tile = plan.rows / (kp.k + 1);
+  const int per_tile = plan.rows / (kp.k + 1 + kp.m);
   const int64_t tiles = (kp.num_points + per_tile - 1) / per_tile;
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, INT_MAX));
   TORCHJAC_LAUNCH(grid, kThreads, plan.smem_bytes, stream, kernel)(kp);
@@ -422,14 +477,16 @@ cudaError_t launch_typed(const MlpForwardArgs& a, const Plan& plan, cudaStream_t
     }
   }
 
-  // Jacobian and divergence push the d_in basis vectors (d_in <= 16: one
-  // pass); jvp and Hutchinson run their tangents kMaxTangentsPerPass at a time.
-  const bool basis = a.mode == MlpMode::kJacobian || a.mode == MlpMode::kDivergence;
+  // Jacobian, divergence, Laplacian and Hessian push the d_in basis vectors
+  // (d_in <= 16: one pass); jvp and the Hutchinson modes run their tangents
+  // kMaxTangentsPerPass at a time.
+  const bool basis = is_basis_mode(a.mode);
   const int64_t total = basis ? a.d_in : a.num_tangents;
   const int64_t per_pass = basis ? a.d_in : kMaxTangentsPerPass;
   int64_t offset = 0;
   do {
     kp.k = static_cast<int>(std::min(per_pass, total - offset));
+    kp.m = second_order_rows(a.mode, kp.k);
     kp.tangent_offset = offset;
     kp.write_y = offset == 0;
     kp.accumulate = offset > 0;

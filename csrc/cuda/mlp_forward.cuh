@@ -15,6 +15,15 @@
 //   kDivergence  tangents = basis of x        -> out (N,), trace only
 //   kJvp         tangents (N, k, d_in)        -> out (N, k, d_out)
 //   kHutchinson  noise    (N, S, d_in)        -> out (N,), mean_s e_s^T J e_s
+// Second order: after its k tangents each point carries m second-order rows,
+//   s <- act'(z) * W_h s + act''(z) * q(tz)   (x's second derivatives are 0),
+// with q the sum of the squared tangents (one collapsed row) or tz_a * tz_b
+// (one row per pair a <= b); torchjac/reference.py is the reference math:
+//   kLaplacian            basis of x, m = 1          -> out (N, d_out), sum_j d2 y / dx_j^2
+//   kLaplacianHutchinson  noise (N, S, d_in), m = 1  -> out (N, d_out), mean_s e_s^T H e_s
+//   kHessian              basis of x, m = d_in (d_in + 1) / 2 -> out (N, d_out, d_in, d_in)
+// The second-order modes have no fused backward: their backward ops run the
+// pure-PyTorch path.
 //
 // Coverage: float32 and float64; d_in, d_out <= 16; hidden layers all of one
 // width H <= 256 (run by the smallest template width in {16,32,64,128,256}
@@ -30,7 +39,33 @@
 namespace torchjac {
 namespace cuda {
 
-enum class MlpMode : int { kJacobian = 0, kDivergence = 1, kJvp = 2, kHutchinson = 3 };
+enum class MlpMode : int {
+  kJacobian = 0,
+  kDivergence = 1,
+  kJvp = 2,
+  kHutchinson = 3,
+  kLaplacian = 4,
+  kLaplacianHutchinson = 5,
+  kHessian = 6,
+};
+
+// Tangents that are the basis of x, the same at every point.
+__host__ __device__ inline bool is_basis_mode(MlpMode mode) {
+  return mode == MlpMode::kJacobian || mode == MlpMode::kDivergence || mode == MlpMode::kLaplacian ||
+         mode == MlpMode::kHessian;
+}
+
+// Second-order rows a point carries after its k tangents.
+__host__ __device__ inline int second_order_rows(MlpMode mode, int k) {
+  if (mode == MlpMode::kLaplacian || mode == MlpMode::kLaplacianHutchinson) return 1;
+  if (mode == MlpMode::kHessian) return k * (k + 1) / 2;
+  return 0;
+}
+
+// The row, among a point's Hessian rows, of the pair (a, b), a <= b < k: the
+// pairs are listed row by row, (0, 0), (0, 1), ..., (1, 1), ..., as
+// torch.triu_indices does.
+__host__ __device__ inline int hessian_pair_row(int a, int b, int k) { return a * k - a * (a - 1) / 2 + (b - a); }
 enum class ScalarKind : int { kFloat32 = 0, kFloat64 = 1 };
 
 constexpr int kMaxInOut = 16;           // d_in, d_out
@@ -83,7 +118,7 @@ struct MlpForwardArgs {
   const int64_t* skip_layers = nullptr;        // layer indices, num_skip_layers entries
   int64_t num_skip_layers = 0;
 
-  // kJvp: (num_points, num_tangents, d_in); kHutchinson: the noise, same layout.
+  // kJvp: (num_points, num_tangents, d_in); kHutchinson, kLaplacianHutchinson: the noise, same layout.
   const void* tangents = nullptr;
   int64_t num_tangents = 0;
 

@@ -1,5 +1,6 @@
-// CUDA kernels of the forward ops mlp_jacobian, mlp_divergence, mlp_jvp and
-// mlp_hutchinson: argument checks, then the fused kernels of mlp_forward.cu.
+// CUDA kernels of the forward ops mlp_jacobian, mlp_divergence, mlp_jvp,
+// mlp_hutchinson and the second-order mlp_laplacian, mlp_laplacian_hutchinson
+// and mlp_hessian: argument checks, then the fused kernels of mlp_forward.cu.
 //
 // Dependency: MLPs the fused kernels do not cover (see mlp_forward.cuh) run
 // torchjac::mlp_reference_forward instead, after a one-time warning. Its schema
@@ -71,6 +72,8 @@ Outputs forward(MlpMode mode, const MlpInputs& in) {
   std::vector<int64_t> out_shape(lead.begin(), lead.end());
   if (mode == MlpMode::kJacobian) out_shape.insert(out_shape.end(), {d_out, d_in});
   if (mode == MlpMode::kJvp) out_shape.insert(out_shape.end(), {k, d_out});
+  if (mode == MlpMode::kLaplacian || mode == MlpMode::kLaplacianHutchinson) out_shape.push_back(d_out);
+  if (mode == MlpMode::kHessian) out_shape.insert(out_shape.end(), {d_out, d_in, d_in});
   if (num_points == 0) return {at::empty(y_shape, x.options()), at::empty(out_shape, x.options()), no_states(x)};
 
   const c10::cuda::CUDAGuard guard(x.device());
@@ -127,6 +130,28 @@ Outputs mlp_hutchinson_cuda(const at::Tensor& x, const at::Tensor& cond, at::Ten
                  {x, cond, weights, biases, activations, activation_params, skip_layers, &noise});
 }
 
+Outputs mlp_laplacian_cuda(const at::Tensor& x, const at::Tensor& cond, at::TensorList weights,
+                           at::TensorList biases, at::IntArrayRef activations,
+                           at::ArrayRef<double> activation_params, at::IntArrayRef skip_layers,
+                           bool /*keep_states*/) {
+  return forward(MlpMode::kLaplacian,
+                 {x, cond, weights, biases, activations, activation_params, skip_layers, nullptr});
+}
+
+Outputs mlp_laplacian_hutchinson_cuda(const at::Tensor& x, const at::Tensor& cond, at::TensorList weights,
+                                      at::TensorList biases, at::IntArrayRef activations,
+                                      at::ArrayRef<double> activation_params, at::IntArrayRef skip_layers,
+                                      const at::Tensor& noise, bool /*keep_states*/) {
+  return forward(MlpMode::kLaplacianHutchinson,
+                 {x, cond, weights, biases, activations, activation_params, skip_layers, &noise});
+}
+
+Outputs mlp_hessian_cuda(const at::Tensor& x, const at::Tensor& cond, at::TensorList weights, at::TensorList biases,
+                         at::IntArrayRef activations, at::ArrayRef<double> activation_params,
+                         at::IntArrayRef skip_layers, bool /*keep_states*/) {
+  return forward(MlpMode::kHessian, {x, cond, weights, biases, activations, activation_params, skip_layers, nullptr});
+}
+
 }  // namespace
 
 TORCHJAC_KERNELS_LIBRARY_IMPL(m) {
@@ -134,4 +159,7 @@ TORCHJAC_KERNELS_LIBRARY_IMPL(m) {
   m.impl("mlp_divergence", &mlp_divergence_cuda);
   m.impl("mlp_jvp", &mlp_jvp_cuda);
   m.impl("mlp_hutchinson", &mlp_hutchinson_cuda);
+  m.impl("mlp_laplacian", &mlp_laplacian_cuda);
+  m.impl("mlp_laplacian_hutchinson", &mlp_laplacian_hutchinson_cuda);
+  m.impl("mlp_hessian", &mlp_hessian_cuda);
 }

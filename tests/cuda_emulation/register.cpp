@@ -28,7 +28,8 @@
 namespace {
 
 const char* const kOps[] = {"mlp_jacobian",          "mlp_divergence",          "mlp_jvp",
-                            "mlp_hutchinson",        "mlp_jacobian_backward",   "mlp_divergence_backward",
+                            "mlp_hutchinson",        "mlp_laplacian",           "mlp_laplacian_hutchinson",
+                            "mlp_hessian",           "mlp_jacobian_backward",   "mlp_divergence_backward",
                             "mlp_jvp_backward",      "mlp_hutchinson_backward"};
 
 int num_schedules = 2;
