@@ -91,6 +91,15 @@ def autograd_hessian(f, x, cond=None):
     return y, torch.stack(per_output, -3)
 
 
+def replay_noise(kind, shape, seed):
+    """The noise torchjac draws from torch.Generator().manual_seed(seed), drawn again as its documentation says:
+    Rademacher signs or standard normals in x's dtype (float64 here), (*lead, S, d_in) for the fused ops."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "rademacher":
+        return torch.randint(0, 2, shape, generator=g, dtype=torch.float64) * 2 - 1
+    return torch.randn(shape, generator=g, dtype=torch.float64)
+
+
 def assert_close64(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
 

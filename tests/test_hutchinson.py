@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import torchjac
-from conftest import assert_close64, oracle_jacobian
+from conftest import assert_close64, oracle_jacobian, replay_noise
 
 
 def _model():
@@ -29,11 +29,7 @@ def test_single_sample_equals_eTJe_of_the_drawn_noise(noise):
     f, x = _model(), torch.randn(4, 5, 3, dtype=torch.float64)
     est = torchjac.divergence(f, x, estimator="hutchinson", num_samples=3, noise=noise,
                               generator=torch.Generator().manual_seed(3))
-    g = torch.Generator().manual_seed(3)
-    if noise == "rademacher":
-        e = torch.randint(0, 2, (4, 5, 3, 3), generator=g, dtype=torch.float64) * 2 - 1
-    else:
-        e = torch.randn((4, 5, 3, 3), generator=g, dtype=torch.float64)
+    e = replay_noise(noise, (4, 5, 3, 3), seed=3)
     _, jac = oracle_jacobian(f, x)
     expected = torch.einsum("...si,...ij,...sj->...s", e, jac, e).mean(-1)
     assert_close64(est, expected)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import torchjac
-from conftest import ACTIVATIONS, assert_close32, assert_close64, autograd_hessian, call_model, oracle_hessian
+from conftest import ACTIVATIONS, assert_close32, assert_close64, autograd_hessian, oracle_hessian, replay_noise
 
 MODES = ("laplacian", "hessian", "hutchinson")
 
@@ -109,11 +109,7 @@ def test_hutchinson_reproducible_with_a_generator_and_replays_its_noise():
     assert torch.equal(draw(7), draw(7))
     assert not torch.equal(draw(7), draw(8))
     for noise in ("rademacher", "gaussian"):
-        g = torch.Generator().manual_seed(3)
-        if noise == "rademacher":
-            e = torch.randint(0, 2, (4, 5, 3, 3), generator=g, dtype=torch.float64) * 2 - 1
-        else:
-            e = torch.randn((4, 5, 3, 3), generator=g, dtype=torch.float64)
+        e = replay_noise(noise, (4, 5, 3, 3), seed=3)
         _, hess = oracle_hessian(f, x)
         assert_close64(draw(3, noise), _from_hessian("hutchinson", hess, e.movedim(-2, 0)))
 
