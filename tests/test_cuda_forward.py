@@ -438,6 +438,32 @@ def test_laplacian_hutchinson_passes(samples):
                  "laplacian_hutchinson")
 
 
+@pytest.mark.parametrize("project_cond", [False, True], ids=["cond_in_tile", "cond_projected"])
+@pytest.mark.parametrize("act", [(7, 0.0, 0.0), (0, 0.0, 0.0), (1, 0.0, 0.0), (3, 2.0, 1.0)],
+                         ids=["tanh", "identity", "relu", "softplus_threshold"])
+def test_second_order_non_finite_points(act, project_cond):
+    """A point with a NaN or infinity in x (or in cond, when the tile holds it) gets NaN; the others are exact."""
+    n = 40
+    mlp = make_mlp(3, 2, [16, 16], c=2, act=act, last_act=act, skips=(1,))
+    x = points(n, d_in=3, dtype=torch.float64)
+    cond = points(1 if project_cond else n, d_in=2, dtype=torch.float64, seed=3)
+    x[1, 0], x[2, 1], x[3, 2] = float("inf"), float("nan"), -float("inf")
+    bad = [1, 2, 3]
+    if not project_cond:
+        cond[4, 0], cond[5, 1] = float("inf"), float("nan")
+        bad += [4, 5]
+    good = [i for i in range(n) if i not in bad]
+    noise = points(n, 3, d_in=3, dtype=torch.float64, seed=4)
+    _, hess = oracle_hessian(mlp, x[good], cond if project_cond else cond[good])
+    e = noise[good]
+    expected = {"mlp_hessian": hess, "mlp_laplacian": hess.diagonal(0, -2, -1).sum(-1),
+                "mlp_laplacian_hutchinson": torch.einsum("nsj,nijk,nsk->ni", e, hess, e) / 3}
+    for op, want in expected.items():
+        _, out = fused(op, x, cond, *mlp.args(), *((noise,) if op == "mlp_laplacian_hutchinson" else ()))
+        assert out[bad].isnan().all(), op
+        assert_close(out[good], want, torch.float64, op)
+
+
 def test_hessian_too_large_for_a_tile_falls_back_and_is_right():
     """d_in = 16 at width 256: 153 rows per point, more than the tile's 32: the reference path, warned."""
     mlp = make_mlp(16, 1, [256] * 2, dtype=torch.float64)
@@ -448,7 +474,7 @@ def test_hessian_too_large_for_a_tile_falls_back_and_is_right():
             y, hess = torch.ops.torchjac.mlp_hessian(x, no_cond(x), *mlp.args())[:2]
     finally:
         torch.set_warn_always(False)
-    assert fell_back and "Hessian rows" in fell_back[0]
+    assert fell_back and "do not fit in one tile" in fell_back[0]
     assert_close(hess, oracle_hessian(mlp, x, no_cond(x))[1], torch.float64, "hessian")
 
 

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 import torchjac
-from conftest import ACTIVATIONS, assert_close32, assert_close64, autograd_hessian, oracle_hessian, replay_noise
+from conftest import (ACTIVATIONS, assert_close32, assert_close64, autograd_hessian, oracle_hessian,
+                      oracle_jacobian, replay_noise)
 
 MODES = ("laplacian", "hessian", "hutchinson")
 
@@ -269,3 +270,31 @@ def test_pinn_training_step_compiles_fullgraph_and_equals_eager():
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     for a, e in zip(grads(compiled), grads(loss_fn)):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_generic_path_without_grad_and_with_a_broadcast_cond():
+    """The generic Hessian's Jacobian of the Jacobian takes JVPs without autograd; x broadcast against cond is an
+    expanded view, which those JVPs once refused to write into."""
+    net = torchjac.PointMLP(3, [8], 2, cond_features=2).double()
+    f = lambda x, c: net(x, c) * torch.sigmoid(x.norm(dim=-1, keepdim=True))  # noqa: E731
+    x, cond = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 1, 2, dtype=torch.float64)
+    _, hess = oracle_hessian(f, x, cond)
+    with torch.no_grad():
+        assert_close64(torchjac.hessian(f, x, cond=cond), hess)
+        assert_close64(torchjac.laplacian(f, x, cond=cond), _from_hessian("laplacian", hess))
+        wide = lambda x, c: f(x, c).repeat_interleave(2, -1)  # noqa: E731  (d_out 4 > d_in 3: JVPs)
+        assert_close64(torchjac.jacobian(wide, x, cond=cond), oracle_jacobian(wide, x, cond)[1])
+
+
+def test_generic_hutchinson_with_many_samples_equals_the_contracted_hessian():
+    f, x = _Normalized().double(), torch.randn(6, 3, dtype=torch.float64)
+    noise = torch.randn(5, 6, 3, dtype=torch.float64)  # S >= d_in: from the whole Hessian
+    _, hess = oracle_hessian(f, x)
+    assert_close64(torchjac.laplacian(f, x, estimator="hutchinson", noise=noise), _from_hessian("hutchinson", hess, noise))
+
+
+def test_a_noise_tensor_without_samples_is_refused():
+    f, x = _model(nn.Tanh(), cond_features=0), torch.randn(4, 3, dtype=torch.float64)
+    for fn in (torchjac.laplacian, torchjac.divergence):
+        with pytest.raises(ValueError, match="noise expected at least one sample"):
+            fn(f, x, estimator="hutchinson", noise=torch.ones(0, 4, 3, dtype=torch.float64))

@@ -7,8 +7,9 @@ tanh serves Tanh's value and all its derivatives): the forward-tangent pass asks
 for orders 0 and 1, the reverse pass through the tangents and the second-order
 (Laplacian, Hessian) pass for order 2 as well, the reverse of the second-order
 pass for order 3. All are written with differentiable ops, so autograd through
-them gives the next order (double backward). The CUDA kernels mirror these
-formulas in ``csrc/cuda/activations.cuh``.
+them gives the next order (double backward). The CUDA kernels mirror the value
+and the first two derivatives in ``csrc/cuda/activations.cuh`` (the fused
+backward of second order, which would need the third, does not exist yet).
 
 Each derivative matches the one PyTorch's own autograd uses, including the
 choice at kinks: ReLU'(0) = 0, LeakyReLU'(0) = slope, ELU'(0) = alpha but
@@ -16,7 +17,8 @@ ELU''(0) = 0, and Softplus' = 1 when beta*z > threshold but Softplus'' = 0
 already when beta*z >= threshold. The third derivative keeps the second's
 choice: it is 0 where Softplus'' is, and ELU's is 0 at 0.
 
-One deliberate difference: at a NaN pre-activation every derivative is NaN.
+One deliberate difference: at a NaN pre-activation the slope is NaN for every
+activation (the higher derivatives of ReLU, LeakyReLU and Identity are 0 there).
 PyTorch's ReLU and LeakyReLU backward give 0 or the slope there, which would
 turn a NaN point into a finite, wrong Jacobian. The CUDA copy has the same rule.
 """
@@ -139,7 +141,7 @@ def _sine(z, p0, p1):
 
 
 # Per code: (z, p0, p1) -> {order: thunk}; what the thunks share is computed once, before them.
-_TAYLOR = {Act.IDENTITY: _identity, Act.RELU: _relu, Act.LEAKY_RELU: _leaky_relu, Act.SOFTPLUS: _softplus,
+_DERIVATIVE_TABLES = {Act.IDENTITY: _identity, Act.RELU: _relu, Act.LEAKY_RELU: _leaky_relu, Act.SOFTPLUS: _softplus,
            Act.SILU: _silu, Act.GELU: _gelu, Act.GELU_TANH: _gelu_tanh, Act.TANH: _tanh, Act.SIGMOID: _sigmoid,
            Act.ELU: _elu, Act.SINE: _sine}
 
@@ -150,7 +152,7 @@ def derivatives(code: int, p0: float, p1: float, z: torch.Tensor, orders) -> tup
 
     Written with differentiable ops, so autograd through order n gives order n + 1.
     """
-    terms = _TAYLOR.get(code)
+    terms = _DERIVATIVE_TABLES.get(code)
     if terms is None:
         raise ValueError(f"unknown activation code {code}")
     table = terms(z, p0, p1)

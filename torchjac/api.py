@@ -293,6 +293,8 @@ def _check_estimator(fn, estimator, noise, num_samples, generator, x) -> Optiona
     if samples.dim() != x.dim() + 1 or tuple(samples.shape[1:]) != tuple(x.shape):
         raise ValueError(f"torchjac.{fn}: noise expected shape {tuple(x.shape)} (x's) or "
                          f"{('num_samples', *x.shape)}, got {tuple(noise.shape)}")
+    if samples.shape[0] == 0:
+        raise ValueError(f"torchjac.{fn}: noise expected at least one sample, got shape {tuple(noise.shape)}")
     return samples.detach()
 
 

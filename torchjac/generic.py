@@ -59,6 +59,7 @@ def jacobian(fn_name, f, x, event_dims, chunk_size):
     out_event = pf.output_event(y)
     d_in, d_out = math.prod(pf.in_event), math.prod(out_event)
     if d_in < d_out and not torch.is_grad_enabled():  # fewer JVPs than VJPs, and no autograd on top
+        x = x.contiguous()  # a broadcast (expanded) x cannot take the batched tangents' in-place writes
         columns = vmap(lambda v: func_jvp(pf.call, (x,), (v,))[1], chunk_size=chunk_size)(pf.basis(pf.in_event, x))
         jac = columns.reshape(d_in, *pf.batch, d_out).movedim(0, -1)            # (*batch, d_out, d_in)
     else:
@@ -122,9 +123,18 @@ def laplacian(fn_name, f, x, event_dims):
 
 
 def laplacian_hutchinson(fn_name, f, x, event_dims, noise):
-    """(y, mean_s e_s^T H e_s) with noise of shape (S, *x.shape): the JVP along e of x -> J(x) e per sample."""
+    """(y, mean_s e_s^T H e_s) with noise of shape (S, *x.shape): the JVP along e of x -> J(x) e per sample,
+    or, for S >= d (the input event's size), the whole Hessian once, which then costs less."""
+    pf = PointwiseFunction(fn_name, f, x, event_dims)
+    d = math.prod(pf.in_event)
+    if noise.shape[0] >= d:
+        y, hess = hessian(fn_name, f, x, event_dims)
+        n_samples, lead = noise.shape[0], pf.batch
+        e = noise.reshape(n_samples, *lead, d)
+        hess = hess.reshape(*lead, -1, d, d)
+        return y, (torch.einsum("s...j,...ijk,s...k->...i", e, hess, e) / n_samples).reshape(y.shape)
     y = f(x)
-    PointwiseFunction(fn_name, f, x, event_dims).output_event(y)
+    pf.output_event(y)
     total = 0
     for e in noise:
         along_e = lambda x_, e=e: jvp(fn_name, f, x_, event_dims, e)[1]  # noqa: E731

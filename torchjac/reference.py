@@ -54,6 +54,13 @@ SECOND_ORDER_MODES = ("laplacian", "laplacian_hutchinson", "hessian")
 BASIS_MODES = ("jacobian", "divergence", "laplacian", "hessian")
 
 
+def second_order_rows(mode: str, k: int) -> int:
+    """Second-order rows a point carries after its k tangents (csrc/cuda/mlp_forward.cuh has the same rule)."""
+    if mode == "hessian":
+        return k * (k + 1) // 2
+    return 1 if mode in SECOND_ORDER_MODES else 0
+
+
 class SecondOrder:
     """The second-order rows a pass carries after its k tangent rows v_a, and how each layer's activation feeds
     them: ``q(tz)`` is the term act''(z) multiplies.
@@ -64,12 +71,10 @@ class SecondOrder:
     """
 
     def __init__(self, mode: str, k: int, device):
-        self.k, self.collapsed = k, mode != "hessian"
+        self.k, self.collapsed, self.n_rows = k, mode != "hessian", second_order_rows(mode, k)
         if self.collapsed:
-            self.n_rows = 1
             return
         self.first, self.second = torch.triu_indices(k, k, device=device)
-        self.n_rows = self.first.numel()
         dense = torch.empty(k, k, dtype=torch.long, device=device)
         rows = torch.arange(self.n_rows, device=device)
         dense[self.first, self.second] = rows
@@ -115,9 +120,7 @@ def rows_per_point(mode: str, d_in: int, d_out: int, tangents: Optional[torch.Te
     if mode == "jacobian_reverse":
         return 1 + d_out
     k = d_in if tangents is None else tangents.shape[-2]
-    if mode == "hessian":
-        return 1 + k + k * (k + 1) // 2
-    return 1 + k + (mode in SECOND_ORDER_MODES)
+    return 1 + k + second_order_rows(mode, k)
 
 
 def kept_shapes(mode: str, n_points: int, weights):

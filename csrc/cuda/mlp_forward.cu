@@ -397,7 +397,7 @@ Plan make_plan(const MlpForwardArgs& a) {
   // Rows of one point in a pass: the value, its tangents and its second-order rows.
   const int k_pass = is_basis_mode(a.mode) ? static_cast<int>(a.d_in) : kMaxTangentsPerPass;
   if (1 + k_pass + second_order_rows(a.mode, k_pass) > plan.rows) {
-    return fail("a point's Hessian rows (1 + d_in + d_in (d_in + 1) / 2) do not fit in one tile at this width");
+    return fail("a point's rows (the Hessian's: 1 + d_in + d_in (d_in + 1) / 2) do not fit in one tile at this width");
   }
   plan.smem_bytes = plan.rows * sizeof(int64_t) + (static_cast<size_t>(plan.rows) * plan.lda + plan.width * kLdw) * plan.elem;
   if (plan.project_cond) {
