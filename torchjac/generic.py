@@ -131,7 +131,7 @@ def laplacian_hutchinson(fn_name, f, x, event_dims, noise):
         y, hess = hessian(fn_name, f, x, event_dims)
         n_samples, lead = noise.shape[0], pf.batch
         e = noise.reshape(n_samples, *lead, d)
-        hess = hess.reshape(*lead, -1, d, d)
+        hess = hess.reshape(*lead, math.prod(y.shape[len(lead):]), d, d)  # spelled out: -1 is ambiguous at 0 points
         return y, (torch.einsum("s...j,...ijk,s...k->...i", e, hess, e) / n_samples).reshape(y.shape)
     y = f(x)
     pf.output_event(y)
