@@ -8,6 +8,9 @@ Rows (float32, 2 threads by default; the models come from tests/zoo.py where it 
 
   sdf       nn.Sequential 3-256x4-1, Softplus(beta=100), 16,384 points
   igr       zoo.IGRImplicitNet 3-512x8-1, skip into layer 4, 4,096 points
+  neus      zoo.NeuSSDFNetwork as published (positional encoding multires 6, 3-256x8-257, skip into layer 4,
+            old weight_norm), 4,096 points: the sdf's gradient (torchjac.jacobian with outputs=slice(0, 1)
+            against NeuS's own gradient(), autograd.grad of f(x)[:, :1]) and its eikonal step;
   siren     zoo.Siren 3-256x3-1 (its .net, since Siren.forward detaches the points), 16,384 points
             each: the gradient (torchjac.jacobian against autograd.grad of f(x).sum()) and one eikonal
             training step, loss = mean((|grad| - 1)^2) + mean(|f(x)|), against its create_graph version;
@@ -208,6 +211,30 @@ def sdf_groups():
     }
 
 
+def neus_gradient(f, x, create_graph=False):
+    """NeuS's SDFNetwork.gradient: autograd.grad of the sdf, the first of the network's 257 outputs."""
+    x = x.detach().requires_grad_()
+    with torch.enable_grad():
+        y = f(x)[:, :1]
+        grad = torch.autograd.grad(y.sum(), x, create_graph=create_graph)[0]
+    return y, grad[:, None, :]
+
+
+def neus_groups():
+    def sdf_and_gradient(f, b):
+        y, jac = torchjac.jacobian(f, b.x, outputs=slice(0, 1), return_output=True)
+        return y[:, :1], jac
+
+    return {
+        "gradient": Group({"torchjac": lambda f, b: torchjac.jacobian(f, b.x, outputs=slice(0, 1)),
+                           "autograd_grad": lambda f, b: neus_gradient(f, b.x)[1]},
+                          expected=lambda J, b: J[:, :1]),
+        "eikonal step": Group({"torchjac": lambda f, b: eikonal(*sdf_and_gradient(f, b)),
+                               "autograd_create_graph": lambda f, b: eikonal(*neus_gradient(f, b.x, True))},
+                              reference="autograd_create_graph"),
+    }
+
+
 def deformation_mlp(width=128, depth=4):
     layers, n = [], 3
     for _ in range(depth):
@@ -349,6 +376,9 @@ ROWS = {
     "sdf": Row("3-256x4-1 Softplus(100), nn.Sequential", sdf_mlp, 16384, sdf_groups()),
     "igr": Row("zoo.IGRImplicitNet 3-512x8-1, skip into layer 4",
                lambda: zoo.IGRImplicitNet(dims=[512] * 8, skip_in=(4,)), 4096, sdf_groups()),
+    "neus": Row("zoo.NeuSSDFNetwork as published: multires 6, 3-256x8-257, skip into layer 4, weight_norm",
+                lambda: zoo.NeuSSDFNetwork(d_feature=256, width=256, n_layers=8, skip_in=(4,), multires=6),
+                4096, neus_groups()),
     "siren": Row("zoo.Siren(3, 256, 3, 1).net", lambda: zoo.Siren(3, 256, 3, 1).net, 16384, sdf_groups()),
     "cnf": Row("CNF dynamics 3+1-256x3-3 Tanh, t.expand(x.shape[0], 1)", ODEFunc, 16384, cnf_groups(), "cnf"),
     "cnf_ffjord": Row("CNF dynamics 3+1-256x3-3 Tanh, ones_like(x[:, :1]) * t", FFJORDODEFunc, 16384,

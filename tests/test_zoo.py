@@ -94,12 +94,15 @@ def siren_loss(y, jac):
 
 def neus():
     m = _perturb(zoo.NeuSSDFNetwork(scale=1.5).double())
-    return Case(m, m, _points(24, 3, scale=0.5), None, eikonal, ("generic", "_tensor_constant0"))
+    return Case(m, m, _points(24, 3, scale=0.5), None, eikonal,
+                ("fused", "a frequency encoding of x (8 sin/cos blocks), 5 Linear layers, skips into layers [2], "
+                          "output features [0, 1, 2, 3, 4]"))
 
 
 def idr():
     m = _perturb(zoo.IDRImplicitNetwork().double())
-    return Case(m, m, _points(24, 3, scale=0.5), None, eikonal, ("generic", "'eq'"))  # compute_grad's fx guard
+    return Case(m, m, _points(24, 3, scale=0.5), None, eikonal,
+                ("fused", "a frequency encoding of x (8 sin/cos blocks), 5 Linear layers, skips into layers [2]"))
 
 
 def igr():
@@ -190,7 +193,7 @@ def pointnet():
 def nerf():
     m = _perturb(zoo.NeRF().double())
     viewdirs = torch.nn.functional.normalize(torch.randn(24, 3, dtype=torch.float64), dim=-1)
-    return Case(m, m, _points(24, 3), viewdirs, nerf_loss, ("generic", "_tensor_constant0"))
+    return Case(m, m, _points(24, 3), viewdirs, nerf_loss, ("generic", "sin of cond"))
 
 
 def nerfies_se3():

@@ -5,6 +5,7 @@ description (torchjac/spec.py) and calls a torchjac op. The generic path
 (torchjac/generic.py) serves every other point-wise callable.
 """
 import inspect
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -14,6 +15,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 
 from . import generic, reference
 from . import spec as spec_lib
+from .encoding import FrequencyEncoding
 from .mlp import PointMLP, broadcast_cat
 from .trace import NotFusable
 
@@ -26,14 +28,17 @@ class _Fused(NamedTuple):
     cond: torch.Tensor   # (*lead_c, c) with the same ndim as x, c may be 0
     spec: spec_lib.MLPSpec
 
-    def args(self):
-        return (self.x, self.cond, *self.spec.op_args())
-
     def call(self, mode: str, *extra):
-        """(y, out) of the op mlp_<mode>. When autograd will need its backward, the op keeps the states that
+        """(y, out) of mode: the op mlp_<mode>, or with an input encoding the op composed with it."""
+        if self.spec.encoding is not None:
+            return _through_encoding(self, self.spec.encoding, mode, *extra)
+        return self.op(mode, self.x, *extra)
+
+    def op(self, mode: str, x: torch.Tensor, *extra):
+        """(y, out) of the op mlp_<mode> on x. When autograd will need its backward, the op keeps the states that
         backward reuses (the pure-PyTorch reverse mode's pre-activations z), as autograd keeps a graph's."""
-        args = self.args()
-        x, cond, weights, biases, *_ = args
+        args = (x, self.cond, *self.spec.op_args())
+        cond, weights, biases = args[1:4]
         keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x, cond, *weights, *biases, *extra))
         y, out, _states = getattr(torch.ops.torchjac, f"mlp_{mode}")(*args, *extra, keep)
         return y, out
@@ -41,6 +46,28 @@ class _Fused(NamedTuple):
     def output(self, y: torch.Tensor) -> torch.Tensor:
         """y in the model's own layout."""
         return y.movedim(-1, -2) if self.spec.layout == spec_lib.CHANNELS_FIRST else y
+
+
+def _through_encoding(fused: _Fused, encoding: FrequencyEncoding, mode: str, *extra):
+    """(y, out) of a first-order mode of an MLP that reads the encoding e(x): the ops run on e, the reverse mode's
+    J is pulled back through de/dx, the forward modes push their tangents through it and reduce J v as the op
+    of the mode would (reference.reduce_tangents)."""
+    x = fused.x
+    e = encoding.value(x)
+    if mode == "jacobian_reverse":
+        y, jac_e = fused.op(mode, e)
+        return y, encoding.pull(x, jac_e)
+    if mode in reference.SECOND_ORDER_MODES:
+        raise AssertionError(f"{mode} of an encoded model is routed to the generic path")
+    d = x.shape[-1]
+    v = (torch.eye(d, dtype=x.dtype, device=x.device).expand(*x.shape[:-1], d, d)
+         if mode in reference.BASIS_MODES else extra[0])
+    y, jv = fused.op("jvp", e, encoding.push(x, v))  # (..., k, d_out)
+    lead = x.shape[:-1]
+    n_points = math.prod(lead)  # spelled out: -1 cannot give it for k = 0 tangents
+    t = jv.reshape(n_points, *jv.shape[-2:]).transpose(0, 1)
+    out = reference.reduce_tangents(mode, t, v.reshape(n_points, *v.shape[-2:]))
+    return y, out.reshape(*lead, *out.shape[1:])
 
 
 def _check_tensor(fn: str, name: str, t, like: Optional[torch.Tensor] = None):
@@ -166,6 +193,8 @@ def _route(fn: str, f, x, cond, event_dims, chunk_size=None, extra=()):
         return x, None
     except ValueError as e:
         raise ValueError(f"torchjac.{fn}: {e}") from None
+    if spec.encoding is not None and fn in ("laplacian", "hessian"):
+        return x, None  # no fused second order through an encoding yet: exact on the generic path
     fused = _fused_call(fn, x, cond, spec)
     if _transformed([x, cond, *spec.weights, *spec.biases, *extra]):
         if channels_first:
@@ -226,8 +255,26 @@ def _generic_model(f, cond):
     return lambda x: f(x, cond)
 
 
+def _output_rows(fn: str, outputs, d_out: int) -> list:
+    """The output features `outputs` (a slice or a sequence of ints) names, as a list of indices."""
+    if isinstance(outputs, slice):
+        rows = list(range(d_out))[outputs]
+    elif isinstance(outputs, (list, tuple, range)) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in outputs):
+        if any(not -d_out <= i < d_out for i in outputs):
+            raise ValueError(f"torchjac.{fn}: outputs expected indices of f's {d_out} output features, got "
+                             f"{list(outputs)}")
+        rows = [i % d_out for i in outputs]
+    else:
+        raise TypeError(f"torchjac.{fn}: outputs expected a slice or a sequence of ints (e.g. slice(0, 1) for an "
+                        f"SDF's distance), got {type(outputs).__name__}")
+    if not rows:
+        raise ValueError(f"torchjac.{fn}: outputs={outputs!r} selects none of f's {d_out} output features")
+    return rows
+
+
 def jacobian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_output: bool = False,
-             event_dims: int = 1, chunk_size: Optional[int] = None):
+             event_dims: int = 1, chunk_size: Optional[int] = None, outputs=None):
     """Per-point Jacobian ``J[..., i, j] = d f(x)_i / d x_j`` of shape ``(..., d_out, d_in)``.
 
     f is a ``torchjac.PointMLP`` (called as ``f(x, cond)``), an ``nn.Sequential`` of Linear layers and
@@ -245,15 +292,31 @@ def jacobian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_
     when ``d_out < d_in``, except on a device with a fused forward-mode kernel (CUDA), which keeps that kernel.
     The generic path takes VJPs, and JVPs only when ``d_in < d_out`` outside autograd. ``torchjac.explain(f)``
     says which direction the fused path takes.
+
+    ``outputs`` (a slice or a sequence of ints; ``event_dims=1``) asks for the rows of J of those output features
+    only, ``(..., len(outputs), d_in)``: the gradient of an SDF's distance alone when the model also returns
+    features (NeuS, IDR: ``outputs=slice(0, 1)``). The fused path then computes those outputs only, in the
+    direction their number makes cheaper; ``return_output=True`` still returns all of ``f(x)``, from one more
+    forward pass (without tangents).
     """
+    if outputs is not None and event_dims != 1:
+        raise ValueError(f"torchjac.jacobian: outputs selects output features of a point with event_dims=1, got "
+                         f"event_dims={event_dims}")
     x, fused = _route("jacobian", f, x, cond, event_dims, chunk_size)
     if fused is None:
         y, jac = _generic(f, generic.jacobian, "jacobian", _generic_model(f, cond), x, event_dims,
                           chunk_size)
         jac = _nan_at_non_finite_points(jac, x, cond, event_dims)
-    else:
+        if outputs is not None:
+            jac = jac[..., _output_rows("jacobian", outputs, jac.shape[-2]), :]
+    elif outputs is None:
         y, jac = fused.call(fused.spec.jacobian_mode(x.device))
         y = fused.output(y)
+    else:
+        selected = fused._replace(spec=fused.spec.select_outputs(_output_rows("jacobian", outputs, fused.spec.d_out)))
+        _, jac = selected.call(selected.spec.jacobian_mode(x.device))
+        if return_output:  # the value alone: a jvp with no tangents
+            y = fused.output(fused.call("jvp", x.new_zeros(*x.shape[:-1], 0, x.shape[-1]))[0])
     return (y, jac) if return_output else jac
 
 
@@ -457,9 +520,10 @@ class Explanation(NamedTuple):
         return f"{self.path}: {self.detail}"
 
 
-def explain(f, *, cond: bool = False) -> Explanation:
+def explain(f, *, cond: bool = False, ndim: int = 2) -> Explanation:
     """Which path computes f, and if not the fused one, which layer or node stopped it.
 
-    ``cond=True`` explains the call ``f(x, cond)``.
+    ``cond=True`` explains the call ``f(x, cond)``. ``ndim`` is the number of dims of the x it explains the
+    call for, (P, d_in) by default: a forward that concatenates along dim 1 concatenates features only then.
     """
-    return Explanation(*spec_lib.explain(f, cond))
+    return Explanation(*spec_lib.explain(f, cond, ndim))

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils.weight_norm import WeightNorm  # the older weight_norm's forward pre-hook
 
 from . import activations as act
+from .encoding import FrequencyEncoding
 from .mlp import PointMLP
 from .trace import NotFusable, Recipe, recognize
 
@@ -43,6 +44,8 @@ class MLPSpec(NamedTuple):
     d_in: int           # features of x
     cond_features: int  # features of cond (0 without)
     layout: str = CHANNELS_LAST
+    # An input encoding e(x): the ops then read e where they read x (torchjac/encoding.py composes them).
+    encoding: Optional[FrequencyEncoding] = None
 
     @property
     def d_out(self) -> int:
@@ -50,6 +53,12 @@ class MLPSpec(NamedTuple):
 
     def op_args(self) -> Tuple:
         return self.weights, self.biases, self.activations, self.activation_params, self.skip_layers
+
+    def select_outputs(self, rows: List[int]) -> "MLPSpec":
+        """The same MLP computing only the output features `rows` (the last layer's rows)."""
+        index = torch.tensor(rows, device=self.weights[-1].device)
+        return self._replace(weights=self.weights[:-1] + [self.weights[-1][index]],
+                             biases=self.biases[:-1] + [self.biases[-1][index]])
 
     def jacobian_mode(self, device: torch.device) -> str:
         """The op mode that computes J on device."""
@@ -330,17 +339,17 @@ class Recognition(NamedTuple):
 
 
 @torch.compiler.assume_constant_result
-def _recognize(f: nn.Module, has_cond: bool) -> Recognition:
+def _recognize(f: nn.Module, has_cond: bool, ndim: Optional[int] = None) -> Recognition:
     # Evaluated once while torch.compile traces: the result is plain Python values. It returns, never
     # raises, the reason a model is not recognized: torch.compile cannot trace an exception out of here.
     try:
-        return Recognition(recognize(f, has_cond), "")
+        return Recognition(recognize(f, has_cond, ndim), "")
     except NotFusable as e:
         return Recognition(None, str(e))
 
 
-def _recipe(f: nn.Module, has_cond: bool) -> Recipe:
-    recognition = _recognize(f, has_cond)
+def _recipe(f: nn.Module, has_cond: bool, ndim: int) -> Recipe:
+    recognition = _recognize(f, has_cond, ndim)
     if recognition.recipe is None:
         raise NotFusable(recognition.reason)
     return recognition.recipe
@@ -360,22 +369,26 @@ def _column_blocks(weight: torch.Tensor, blocks, widths) -> dict:
 
 
 def from_recipe(f: nn.Module, recipe: Recipe, d_in: int, cond_features: int) -> MLPSpec:
+    """The layers of a recipe. Those reading the input take cat([x, enc_0(x), ..., cond]) when the recipe
+    encodes x, zero columns standing for blocks a layer does not read."""
     weights, biases, codes, params, skips = [], [], [], [], []
+    encoded = [f"enc{j}" for j in range(len(recipe.encoding))]
+    inputs = [("x", d_in)] + [(source, d_in) for source in encoded] + [("cond", cond_features)]
     width_h = 0
     for i, layer in enumerate(recipe.layers):
         linear = f.get_submodule(layer.module)
         w = _weight(linear)
-        widths = {"h": width_h, "x": d_in, "cond": cond_features}
+        widths = {"h": width_h, **dict(inputs)}
         try:
             cols = _column_blocks(w, layer.blocks, widths)
         except ValueError as e:
             raise ValueError(f"Linear {layer.module!r}: {e}") from None
-        reads_input = "x" in cols or "cond" in cols
+        reads_input = any(source != "h" for source in cols)
         if i > 0 and reads_input:
             skips.append(i)
         parts = [cols["h"]] if i > 0 else []
         if i == 0 or reads_input:
-            for source, n in (("x", d_in), ("cond", cond_features)):
+            for source, n in inputs:
                 parts.append(cols[source] if source in cols else w.new_zeros(w.shape[0], n))
         w_ours = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
         b = _bias(linear, w)
@@ -386,7 +399,13 @@ def from_recipe(f: nn.Module, recipe: Recipe, d_in: int, cond_features: int) -> 
         codes.append(layer.activation[0])
         params.extend(layer.activation[1:])
         width_h = w.shape[0]
-    return MLPSpec(weights, biases, codes, params, skips, d_in, cond_features)
+    if recipe.output_rows is not None:  # the module returns some of the last layer's features, scaled
+        rows = torch.tensor([r for r, _ in recipe.output_rows], device=weights[-1].device)
+        scales = weights[-1].new_tensor([s for _, s in recipe.output_rows])
+        weights[-1] = weights[-1][rows] * scales[:, None]
+        biases[-1] = biases[-1][rows] * scales
+    encoding = FrequencyEncoding((("x", 1.0),) + recipe.encoding) if recipe.encoding else None
+    return MLPSpec(weights, biases, codes, params, skips, d_in, cond_features, encoding=encoding)
 
 
 # ---- entry points
@@ -410,24 +429,32 @@ def lower(f, x: torch.Tensor, cond_features: int) -> MLPSpec:
             raise NotFusable(unsupported)
         # Any other Sequential is called on cat([x, cond]) too: a recipe of one input, whose columns
         # are those of x and then cond.
-        spec = from_recipe(f, _recipe(f, False), d_in + cond_features, 0)
+        spec = from_recipe(f, _recipe(f, False, x.dim()), d_in + cond_features, 0)
+        if spec.encoding is not None and cond_features:  # it would encode cond too
+            raise NotFusable(f"{type(f).__name__} encodes its input, which torchjac makes cat([x, cond]); pass "
+                             f"`lambda x, cond: model(torch.cat([x, cond], -1))` to the generic path, or a "
+                             f"module that takes (x, cond)")
         return spec._replace(d_in=d_in, cond_features=cond_features)
-    return from_recipe(f, _recipe(f, cond_features > 0), d_in, cond_features)
+    return from_recipe(f, _recipe(f, cond_features > 0, x.dim()), d_in, cond_features)
 
 
 def _recipe_detail(f: nn.Module, recipe: Recipe) -> str:
     skips = [i for i, layer in enumerate(recipe.layers) if i and any(s != "h" for s, _ in layer.blocks)]
-    return (f"{type(f).__name__} traced by torch.fx: {len(recipe.layers)} Linear layers"
-            + (f", skips into layers {skips}" if skips else ""))
+    encoding = (f"a frequency encoding of x ({len(recipe.encoding)} sin/cos blocks), " if recipe.encoding else "")
+    rows = (f", output features {[r for r, _ in recipe.output_rows]} of the last"
+            if recipe.output_rows is not None else "")
+    return (f"{type(f).__name__} traced by torch.fx: {encoding}{len(recipe.layers)} Linear layers"
+            + (f", skips into layers {skips}" if skips else "") + rows)
 
 
-def _direction_note(d_in: Optional[int], d_out: int) -> str:
+def _direction_note(d_in: Optional[int], d_out: int, encoded: bool = False) -> str:
     """Which direction the fused jacobian (and second order) takes; d_in is None when cond's width hides it."""
     cpu = torch.device("cpu")
     fused_cuda = has_fused_forward_kernel(torch.device("cuda"))
     where = "; jacobian on the CPU" if fused_cuda else "; jacobian"
     cuda = ", on CUDA in forward mode (the fused kernel)" if fused_cuda else ""
-    second = "; laplacian and hessian in forward mode, with second-order rows"
+    second = ("; laplacian and hessian on the generic path (no fused second order through an input encoding yet)"
+              if encoded else "; laplacian and hessian in forward mode, with second-order rows")
     if d_in is None:
         return (f"{where} in forward mode, or in reverse mode if d_out={d_out} < d_in (x's features, cond's not "
                 f"counted){cuda}{second}")
@@ -437,14 +464,15 @@ def _direction_note(d_in: Optional[int], d_out: int) -> str:
 def _recipe_dims(f: nn.Module, recipe: Recipe, has_cond: bool) -> Tuple[Optional[int], int]:
     """(d_in, d_out) of a recognized module; d_in is None where cond's width is part of the first layer's."""
     first, last = (f.get_submodule(layer.module) for layer in (recipe.layers[0], recipe.layers[-1]))
-    blocks = [block for block, _ in recipe.layers[0].blocks]
-    if has_cond or blocks != ["x"]:  # cond read, or x read twice: the in-features are not d_in
-        return None, last.out_features
-    return first.in_features, last.out_features
+    d_out = last.out_features if recipe.output_rows is None else len(recipe.output_rows)
+    if has_cond or "cond" in [block for block, _ in recipe.layers[0].blocks]:
+        return None, d_out
+    return first.in_features // len(recipe.layers[0].blocks), d_out  # each block (x, enc<j>) is d_in wide
 
 
-def explain(f, has_cond: bool = False) -> Tuple[str, str]:
-    """(path, detail) for f: which path computes it, why not the fused one, and the fused jacobian's direction."""
+def explain(f, has_cond: bool = False, ndim: int = 2) -> Tuple[str, str]:
+    """(path, detail) for f: which path computes it, why not the fused one, and the fused jacobian's direction.
+    ndim: x.dim() of the call, which positive dims in the forward refer to."""
     if not isinstance(f, nn.Module):
         return "generic", f"f is a {type(f).__name__}, not an nn.Module; computed by batched JVPs/VJPs"
     try:
@@ -468,16 +496,16 @@ def explain(f, has_cond: bool = False) -> Tuple[str, str]:
                              if channels_first else "nn.Sequential") + note
         if channels_first:  # the generic path needs features in the last dim
             return "refused", unsupported + "; a channels-first Conv1d stack has no generic fallback"
-        recognition = _recognize(f, False)
+        recognition = _recognize(f, False, ndim)
         if recognition.recipe is None:
             # torch.fx only adds news when it traced into something written by the user
             user_written = not is_plain_sequential(f) or any(
                 not type(m).__module__.startswith("torch.") and not _chain_layer_kind(m) for _, m in _chain(f))
             return "generic", f"{unsupported}, and {recognition.reason}" if user_written else unsupported
         return "fused", _recipe_detail(f, recognition.recipe) + _direction_note(
-            *_recipe_dims(f, recognition.recipe, has_cond))
-    recognition = _recognize(f, has_cond)
+            *_recipe_dims(f, recognition.recipe, has_cond), bool(recognition.recipe.encoding))
+    recognition = _recognize(f, has_cond, ndim)
     if recognition.recipe is None:
         return "generic", recognition.reason
     return "fused", _recipe_detail(f, recognition.recipe) + _direction_note(
-        *_recipe_dims(f, recognition.recipe, has_cond))
+        *_recipe_dims(f, recognition.recipe, has_cond), bool(recognition.recipe.encoding))

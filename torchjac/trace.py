@@ -1,13 +1,17 @@
 """Recognizing user-written MLP modules with torch.fx, so they run on the fused ops.
 
 A module is recognized when its traced forward is a chain of Linear layers and
-supported activations, where a layer may read ``torch.cat`` of the previous
-layer's output with the input ``x`` and the condition ``cond`` (in any order),
-and values may be scaled by constants (NeuS divides its skip by sqrt(2)). The
-result is a *recipe*: plain Python values naming the Linear submodules, the
-column blocks each one reads, the activation after it and the constant scales.
-The recipe holds no tensors; ``spec.from_recipe`` reads the parameters at call
-time. Anything else raises ``NotFusable`` naming the node that stopped it.
+supported activations, where a layer may read ``torch.cat`` (along the feature
+dim) of the previous layer's output with the input ``x``, the condition ``cond``
+and a frequency encoding of x (``sin(c x)``, ``cos(c x)``: NeRF, NeuS, IDR), in any
+order, and values may be scaled by constants (NeuS divides its skip by sqrt(2)).
+The module may return slices of its last layer's features, scaled and
+concatenated (NeuS returns ``[sdf / scale, features]``). The result is a *recipe*:
+plain Python values naming the Linear submodules, the column blocks each one
+reads, the activation after it, the constant scales, the encoding's frequencies
+and the output rows. The recipe holds no parameters; ``spec.from_recipe`` reads
+them at call time. Anything else raises ``NotFusable`` naming the node that
+stopped it.
 """
 import dataclasses
 import inspect
@@ -28,13 +32,15 @@ class NotFusable(Exception):
 
 class RecipeLayer(NamedTuple):
     module: str                           # qualified name of the nn.Linear
-    blocks: Tuple[Tuple[str, float], ...]  # the input columns in order: ("x" | "cond" | "h", scale)
+    blocks: Tuple[Tuple[str, float], ...]  # the input columns in order: ("x" | "cond" | "h" | "enc<j>", scale)
     z_scale: float                        # z = z_scale * (W @ input + b)
     activation: Tuple[int, float, float]  # code, p0, p1
 
 
 class Recipe(NamedTuple):
     layers: Tuple[RecipeLayer, ...]
+    encoding: Tuple[Tuple[str, float], ...] = ()  # block "enc<j>" is kind(c x), (kind, c) = encoding[j]
+    output_rows: Optional[Tuple[Tuple[int, float], ...]] = None  # (row, scale) of the last layer, None: all
 
 
 @dataclasses.dataclass
@@ -55,12 +61,32 @@ class _LayerOut(NamedTuple):
     activated: bool
 
 
+class _Blocks(NamedTuple):
+    """Input columns: (source, index, scale) per block, source "x", "cond", "h" (index: the layer) or "enc"
+    (index: the encoding block)."""
+    parts: tuple
+
+
+class _Rows(NamedTuple):
+    """Some features of layer `index`'s output, each scaled: ((row, scale), ...). Only the output may be so."""
+    index: int
+    rows: tuple
+    activated: bool
+
+
+class _Const(NamedTuple):
+    """A tensor constant of one element (a frequency band): a Python number to the recipe."""
+    value: float
+
+
 class _Meta(NamedTuple):
-    """A shape or a slice: only allowed as the target shape of an expand."""
+    """A shape, a slice, a specialized argument or a guard on one: no feature values."""
     node: str
 
 
 _SCALAR = (int, float)
+_SIN = {torch.sin, "sin"}
+_COS = {torch.cos, "cos"}
 _MUL = {operator.mul, torch.mul, "mul"}
 _DIV = {operator.truediv, torch.div, torch.true_divide, "div", "true_divide"}
 _CAT = {torch.cat, torch.concat, "cat", "concat"}
@@ -94,13 +120,48 @@ def _functional_activation(target, args, kwargs):
     return None
 
 
-class _Interpreter:
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.layers = []        # _Layer, in call order
-        self.consumed = set()   # layers whose activation is settled
+def _scalar(value) -> Optional[float]:
+    """value as a Python number when it is a constant scale, else None."""
+    if isinstance(value, _SCALAR) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, _Const):
+        return value.value
+    return None
 
-    def settle(self, out: _LayerOut, node) -> Tuple[Tuple[str, float], ...]:
+
+def _has_features(value) -> bool:
+    """Whether value is, or holds, a feature tensor (anything but shapes, constants and guards)."""
+    if isinstance(value, (_Blocks, _LayerOut, _Rows)):
+        return True
+    if isinstance(value, (list, tuple)) and not isinstance(value, (_Meta, _Const)):
+        return any(_has_features(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_features(v) for v in value.values())
+    return False
+
+
+def _feature_slice(index, ndim: Optional[int]) -> Optional[slice]:
+    """The slice of the feature dim that index takes, or None if it indexes anything else."""
+    if not isinstance(index, tuple) or not index or not isinstance(index[-1], slice):
+        return None
+    lead = index[:-1]
+    if lead == (Ellipsis,) or (ndim is not None and len(index) == ndim
+                               and all(i == slice(None) for i in lead)):
+        return index[-1]
+    return None
+
+
+class _Interpreter:
+    def __init__(self, module: nn.Module, n_inputs: int, ndim: Optional[int], constants: dict):
+        self.module = module
+        self.n_inputs = n_inputs    # 1 (x) or 2 (x, cond)
+        self.ndim = ndim            # x.dim() of the call, which positive dims refer to
+        self.constants = constants  # tensors torch.fx captured as constants, by attribute name
+        self.layers = []            # _Layer, in call order
+        self.consumed = set()       # layers whose activation is settled
+        self.encoding = []          # (kind, c) of each encoding block
+
+    def settle(self, out: _LayerOut, node) -> _Blocks:
         """The layer output as input columns; a raw output means the layer has no activation."""
         layer = self.layers[out.index]
         if not out.activated:
@@ -109,32 +170,42 @@ class _Interpreter:
                                  f"its activation")
             layer.activation = layer.activation or _IDENTITY
         self.consumed.add(out.index)
-        return (("h", out.index, out.scale),)
+        return _Blocks((("h", out.index, out.scale),))
 
-    def blocks(self, value, node):
+    def blocks(self, value, node) -> _Blocks:
         if isinstance(value, _LayerOut):
             return self.settle(value, node)
-        if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+        if isinstance(value, _Blocks):
             return value
+        if isinstance(value, _Rows):
+            raise NotFusable(f"node {node.name!r}: a slice of a layer's features feeds another layer; only the "
+                             f"module's output may be sliced")
+        if isinstance(value, _Meta):  # a slice of the input (its shape may be used, to expand cond)
+            raise NotFusable(f"node {node.name!r} ({node.op} {_target_name(node)}): reads {value.node!r}, a slice "
+                             f"or shape of a tensor, as features; the fused path reads whole inputs (x, cond) and "
+                             f"their encoding")
         raise NotFusable(f"node {node.name!r} ({node.op} {_target_name(node)}): expected a feature tensor "
                          f"input, got {type(value).__name__}")
 
     def scale(self, value, factor, node):
         if isinstance(value, _LayerOut):
             return value._replace(scale=value.scale * factor)
-        return tuple((src, i, s * factor) for src, i, s in self.blocks(value, node))
+        if isinstance(value, _Rows):
+            return value._replace(rows=tuple((r, s * factor) for r, s in value.rows))
+        return _Blocks(tuple((src, i, s * factor) for src, i, s in self.blocks(value, node).parts))
 
-    def linear(self, name, blocks, node):
+    def linear(self, name, blocks: _Blocks, node):
         index = len(self.layers)
-        for src, i, _ in blocks:
+        for src, i, _ in blocks.parts:
             if src == "h" and i != index - 1:
                 raise NotFusable(f"node {node.name!r}: Linear {name!r} reads the output of layer {i}, not of the "
-                                 f"layer just before it; only skips of the input x and cond are fused")
-        if index == 0 and any(src == "h" for src, _, _ in blocks):
+                                 f"layer just before it; only skips of the input x (or its encoding) and cond "
+                                 f"are fused")
+        if index == 0 and any(src == "h" for src, _, _ in blocks.parts):
             raise NotFusable(f"node {node.name!r}: the first Linear must read x and cond only")
-        if index > 0 and not any(src == "h" for src, _, _ in blocks):
+        if index > 0 and not any(src == "h" for src, _, _ in blocks.parts):
             raise NotFusable(f"node {node.name!r}: Linear {name!r} does not read the previous layer")
-        self.layers.append(_Layer(name, blocks))
+        self.layers.append(_Layer(name, blocks.parts))
         return _LayerOut(index, 1.0, False)
 
     def activation(self, value, encoded, node):
@@ -147,6 +218,64 @@ class _Interpreter:
         layer.activation = (int(encoded[0]), float(encoded[1]), float(encoded[2]))
         return _LayerOut(value.index, 1.0, True)
 
+    def encode(self, kind: str, value, node) -> _Blocks:
+        """sin(c x) or cos(c x): a block of the input encoding."""
+        parts = value.parts if isinstance(value, _Blocks) else ()
+        if len(parts) != 1 or parts[0][0] != "x":
+            what = "cond" if [p[0] for p in parts] == ["cond"] else "something other than the input x times a constant"
+            raise NotFusable(f"node {node.name!r}: {kind} of {what}; the fused path encodes x alone, as sin(c x) "
+                             f"and cos(c x) (a frequency encoding)")
+        block = (kind, parts[0][2])
+        if block not in self.encoding:
+            self.encoding.append(block)
+        return _Blocks((("enc", self.encoding.index(block), 1.0),))
+
+    def feature_dim(self, dim) -> bool:
+        return dim == -1 or (self.ndim is not None and dim == self.ndim - 1)
+
+    def out_features(self, index: int) -> int:
+        return self.module.get_submodule(self.layers[index].module).out_features
+
+    def rows(self, value, index, node) -> _Rows:
+        """The features a getitem takes from a layer's output."""
+        s = _feature_slice(index, self.ndim)
+        if s is None:
+            raise NotFusable(f"node {node.name!r}: indexes a layer's output with {index!r}, which is not a slice "
+                             f"of its features (the last dim)")
+        return self.as_rows(value, s, node)
+
+    def as_rows(self, value: _LayerOut, s: slice, node) -> _Rows:
+        if value.activated:
+            self.consumed.add(value.index)
+        else:
+            self.settle(value, node)
+        rows = range(self.out_features(value.index))[s]
+        return _Rows(value.index, tuple((r, value.scale) for r in rows), value.activated)
+
+    def cat(self, parts, node):
+        """torch.cat of input columns, or of slices of one layer's output (the module's output)."""
+        if any(isinstance(p, _Rows) for p in parts):
+            as_rows = [p if isinstance(p, _Rows) else self.as_rows(p, slice(None), node)
+                       if isinstance(p, _LayerOut) else None for p in parts]
+            if any(r is None for r in as_rows) or len({(r.index, r.activated) for r in as_rows}) != 1:
+                raise NotFusable(f"node {node.name!r}: concatenates slices of a layer's output with something "
+                                 f"else; only slices of the last layer's features may be put together")
+            return _Rows(as_rows[0].index, tuple(r for p in as_rows for r in p.rows), as_rows[0].activated)
+        return _Blocks(tuple(b for part in parts for b in self.blocks(part, node).parts))
+
+    def constant(self, node):
+        value = self.constants.get(node.target)
+        if value is None:
+            raise NotFusable(f"node {node.name!r}: the forward reads the tensor {node.target!r} (a parameter or "
+                             f"buffer) outside any Linear layer; the fused path reads only Linear layers' "
+                             f"parameters, so the generic path computes this model, exactly")
+        if value.numel() != 1 or value.requires_grad:
+            raise NotFusable(f"node {node.name!r}: the forward uses the tensor {node.target!r} of shape "
+                             f"{tuple(value.shape)} outside any nn.Linear layer; the fused path reads tensors only "
+                             f"as nn.Linear parameters, and constants of one element as scales (frequency bands in "
+                             f"a loop, as NeRF's embedder)")
+        return _Const(float(value))
+
     def run(self, graph: torch.fx.Graph):
         env = {}
         placeholders = 0
@@ -158,10 +287,9 @@ class _Interpreter:
             kwargs = {k: torch.fx.node.map_arg(v, val) for k, v in node.kwargs.items()}
             target = node.target
             if node.op == "placeholder":
-                source = ("x", "cond")[placeholders] if placeholders < 2 else None
-                if source is None:
-                    raise NotFusable(f"node {node.name!r}: forward takes more than (x, cond)")
-                env[node.name] = ((source, 0, 1.0),)
+                # After x (and cond): the specialized arguments and **kwargs, which carry no features.
+                env[node.name] = (_Blocks(((("x", "cond")[placeholders], 0, 1.0),))
+                                  if placeholders < self.n_inputs else _Meta(node.name))
                 placeholders += 1
             elif node.op == "call_module":
                 sub = self.module.get_submodule(target)
@@ -180,27 +308,34 @@ class _Interpreter:
             elif node.op in ("call_function", "call_method"):
                 key = target if node.op == "call_function" else str(target)
                 encoded = _functional_activation(key, args, kwargs)
-                if encoded is not None:
+                if not _has_features(args) and not _has_features(kwargs):
+                    env[node.name] = _Meta(node.name)  # shapes, guards on specialized arguments
+                elif key in _SIN | _COS and isinstance(args[0], _Blocks):
+                    env[node.name] = self.encode("sin" if key in _SIN else "cos", args[0], node)
+                elif encoded is not None:
                     env[node.name] = self.activation(args[0], encoded, node)
                 elif key in _CAT:
                     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-                    if dim != -1:
-                        raise NotFusable(f"node {node.name!r}: torch.cat along dim {dim}; the fused path needs "
-                                         f"dim=-1 (the feature dim)")
-                    env[node.name] = tuple(b for part in args[0] for b in self.blocks(part, node))
+                    if not self.feature_dim(dim):
+                        rank = f" of {self.ndim}-dim x" if self.ndim is not None else ""
+                        raise NotFusable(f"node {node.name!r}: torch.cat along dim {dim}{rank}; the fused path needs "
+                                         f"the feature dim (-1)")
+                    env[node.name] = self.cat(args[0], node)
                 elif key in _MUL | _DIV and len(args) == 2:
                     a, b = args
-                    if isinstance(b, _SCALAR) and not isinstance(b, bool):
-                        factor, value = (1.0 / b if key in _DIV else float(b)), a
-                    elif isinstance(a, _SCALAR) and not isinstance(a, bool) and key in _MUL:
-                        factor, value = float(a), b
+                    if _scalar(b) is not None:
+                        factor, value = (1.0 / _scalar(b) if key in _DIV else _scalar(b)), a
+                    elif _scalar(a) is not None and key in _MUL:
+                        factor, value = _scalar(a), b
                     else:
                         raise NotFusable(f"node {node.name!r}: {_target_name(node)} of two tensors; only scaling "
-                                         f"by a Python constant is fused")
+                                         f"by a constant is fused")
                     env[node.name] = self.scale(value, factor, node)
                 elif key in _EXPAND:
                     env[node.name] = args[0]
-                elif key in _SHAPE or key == "__getitem__":
+                elif key in (operator.getitem, "__getitem__") and isinstance(args[0], _LayerOut):
+                    env[node.name] = self.rows(args[0], args[1], node)
+                elif key in _SHAPE:
                     env[node.name] = _Meta(node.name)
                 else:
                     raise NotFusable(f"node {node.name!r}: {node.op} {_target_name(node)} is not part of a "
@@ -208,18 +343,18 @@ class _Interpreter:
             elif node.op == "output":
                 result = args[0]
             elif node.op == "get_attr":
-                raise NotFusable(f"node {node.name!r}: the forward reads the tensor {target!r} (a buffer or "
-                                 f"constant, such as a positional encoding's frequency bands) outside any Linear "
-                                 f"layer; the fused path has no input encodings yet, so the generic path computes "
-                                 f"this model, exactly")
+                env[node.name] = self.constant(node)
             else:
                 raise NotFusable(f"node {node.name!r}: {node.op} {target!r} is not supported")
         return result
 
     def recipe(self, result, node_name="output"):
+        rows = None
+        if isinstance(result, _Rows) and result.index == len(self.layers) - 1:
+            rows, result = result.rows, _LayerOut(result.index, 1.0, result.activated)
         if not isinstance(result, _LayerOut) or result.index != len(self.layers) - 1:
             raise NotFusable(f"{node_name}: the module must return the output of its last Linear layer "
-                             f"(or its activation)")
+                             f"(or its activation, or slices of its features)")
         last = self.layers[-1]
         if last.activation is None:
             last.activation = _IDENTITY
@@ -227,11 +362,17 @@ class _Interpreter:
             if result.activated and last.activation != _IDENTITY:
                 raise NotFusable(f"{node_name}: the output is scaled after a nonlinear activation")
             last.z_scale *= result.scale
+        if rows is not None and last.activation != _IDENTITY and any(s != 1.0 for _, s in rows):
+            raise NotFusable(f"{node_name}: slices of the output are scaled after a nonlinear activation")
         if any(layer.activation is None for layer in self.layers):
             raise NotFusable("a Linear layer's output is not used by the next layer")
-        layers = tuple(RecipeLayer(layer.module, tuple((src, float(k)) for src, _, k in layer.blocks),
+
+        def source(src, i):
+            return f"enc{i}" if src == "enc" else src
+
+        layers = tuple(RecipeLayer(layer.module, tuple((source(src, i), float(k)) for src, i, k in layer.blocks),
                                    float(layer.z_scale), layer.activation) for layer in self.layers)
-        return Recipe(layers)
+        return Recipe(layers, tuple(self.encoding), rows)
 
 
 def _target_name(node) -> str:
@@ -239,8 +380,33 @@ def _target_name(node) -> str:
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
-def recognize(module: nn.Module, has_cond: bool) -> Recipe:
-    """The recipe of a user-written MLP module called as module(x) or module(x, cond)."""
+def _trace(module: nn.Module, concrete: dict):
+    """(graph, constants): torch.fx's graph of module and the tensor constants it captured, by name.
+
+    torch.fx keeps a tensor it meets that is no parameter or buffer (a frequency band held by a plain
+    object) by assigning it to the module as ``_tensor_constant<i>``; those attributes are taken back off,
+    so recognizing a model leaves it as it was.
+    """
+    tracer = torch.fx.Tracer()
+    before = set(vars(module))
+    try:
+        graph = tracer.trace(module, concrete_args=concrete or None)
+    finally:
+        added = set(vars(module)) - before
+        constants = {name: getattr(module, name) for name in added}
+        for name in added:
+            delattr(module, name)
+    # Plain tensor attributes of submodules (not parameters or buffers) are constants to the trace too.
+    state = {name for name, _ in module.named_parameters()} | {name for name, _ in module.named_buffers()}
+    for tensor, name in tracer.tensor_attrs.items():
+        if name not in state and torch.is_tensor(tensor):
+            constants.setdefault(name, tensor)
+    return graph, constants
+
+
+def recognize(module: nn.Module, has_cond: bool, ndim: Optional[int] = None) -> Recipe:
+    """The recipe of a user-written MLP module called as module(x) or module(x, cond), x with ndim dims
+    (None: unknown, so only dim=-1 is the feature dim)."""
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
@@ -259,14 +425,14 @@ def recognize(module: nn.Module, has_cond: bool) -> Recipe:
                              f"lambda x{', cond' if has_cond else ''}: model(...) with every argument")
         concrete[p.name] = p.default
     for p in params:
-        if p.kind in variadic:  # torchjac passes nothing through *args or **kwargs
-            concrete[p.name] = () if p.kind is inspect.Parameter.VAR_POSITIONAL else {}
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:  # torchjac passes nothing through *args
+            concrete[p.name] = ()
     try:
-        graph = torch.fx.Tracer().trace(module, concrete_args=concrete or None)
+        graph, constants = _trace(module, concrete)
     except Exception as e:  # tracing fails on data-dependent control flow and the like
         raise NotFusable(f"torch.fx could not trace {type(module).__name__}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    interpreter = _Interpreter(module)
+    interpreter = _Interpreter(module, n_args, ndim, constants)
     result = interpreter.run(graph)
     if not interpreter.layers:
         raise NotFusable(f"{type(module).__name__} has no Linear layer")
