@@ -296,8 +296,8 @@ def jacobian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_
     ``outputs`` (a slice or a sequence of ints; ``event_dims=1``) asks for the rows of J of those output features
     only, ``(..., len(outputs), d_in)``: the gradient of an SDF's distance alone when the model also returns
     features (NeuS, IDR: ``outputs=slice(0, 1)``). The fused path then computes those outputs only, in the
-    direction their number makes cheaper; ``return_output=True`` still returns all of ``f(x)``, from one more
-    forward pass (without tangents).
+    direction their number makes cheaper, and ``return_output=True`` returns those outputs of ``f(x)``, from the
+    same pass.
     """
     if outputs is not None and event_dims != 1:
         raise ValueError(f"torchjac.jacobian: outputs selects output features of a point with event_dims=1, got "
@@ -308,15 +308,13 @@ def jacobian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_
                           chunk_size)
         jac = _nan_at_non_finite_points(jac, x, cond, event_dims)
         if outputs is not None:
-            jac = jac[..., _output_rows("jacobian", outputs, jac.shape[-2]), :]
-    elif outputs is None:
+            rows = _output_rows("jacobian", outputs, jac.shape[-2])
+            y, jac = y[..., rows], jac[..., rows, :]
+    else:
+        if outputs is not None:
+            fused = fused._replace(spec=fused.spec.select_outputs(_output_rows("jacobian", outputs, fused.spec.d_out)))
         y, jac = fused.call(fused.spec.jacobian_mode(x.device))
         y = fused.output(y)
-    else:
-        selected = fused._replace(spec=fused.spec.select_outputs(_output_rows("jacobian", outputs, fused.spec.d_out)))
-        _, jac = selected.call(selected.spec.jacobian_mode(x.device))
-        if return_output:  # the value alone: a jvp with no tangents
-            y = fused.output(fused.call("jvp", x.new_zeros(*x.shape[:-1], 0, x.shape[-1]))[0])
     return (y, jac) if return_output else jac
 
 
