@@ -1,7 +1,8 @@
 """Random point-wise MLPs and inputs, and the check of every torchjac function on them against autograd.
 
 The strategy ``cases()`` draws the model (form, depth, widths, activations and
-their parameters, cond, skips), the idioms a Sequential is written with (one
+their parameters, cond, skips; for a user-written "encoded" module, a NeRF-style
+frequency encoding of x that the skips read, and a scaled output slice), the idioms a Sequential is written with (one
 activation instance reused, tied Linear layers, subclasses with and without a
 forward of their own, nested Sequentials, old and new weight_norm, forward
 hooks) and the input (leading shape, zero-size, non-contiguous, dtype). ``check(case)`` runs jacobian, divergence (exact and
@@ -56,7 +57,7 @@ def _activation_modules():
 
 
 class Case(NamedTuple):
-    form: str                      # "point_mlp", "sequential" or "function" (the generic path)
+    form: str                      # "point_mlp", "sequential", "encoded" or "function" (the generic path)
     d_in: int
     d_out: int
     widths: Tuple[int, ...]
@@ -74,6 +75,9 @@ class Case(NamedTuple):
     check_func: bool = False       # also torch.func.jvp over jacobian
     check_compiled: bool = False   # also a torch.compile'd jacobian and its gradients
     check_second_order: bool = False  # also laplacian and hessian (float64), for d_in <= 8
+    bands: Tuple[float, ...] = ()  # "encoded": the frequencies c of sin(c x), cos(c x)
+    include_input: bool = True     # "encoded": x itself is part of the encoding
+    output_scale: Optional[float] = None  # "encoded": the first output feature is scaled by it
 
 
 # Ways of writing the same Sequential; each keeps the function it computes, or (hook) changes it knowingly.
@@ -83,7 +87,7 @@ IDIOMS = ("shared_activation", "tied_linear", "subclass", "subclass_forward", "n
 
 @st.composite
 def cases(draw):
-    form = draw(st.sampled_from(["point_mlp", "sequential", "function"]))
+    form = draw(st.sampled_from(["point_mlp", "sequential", "encoded", "function"]))
     depth = draw(st.sampled_from(range(1, 7)))  # Linear layers; sampled_from draws them evenly
     widths = tuple(draw(st.one_of(st.integers(1, 32), st.integers(1, MAX_WIDTH))) for _ in range(depth - 1))
     activations = tuple(draw(_activation_modules()) for _ in range(depth - 1))
@@ -99,19 +103,27 @@ def cases(draw):
     cond_features = draw(st.integers(1, 4)) if with_cond else 0
     lead = broadcasting_part() if with_cond else points
     cond_lead = broadcasting_part() if with_cond else None
+    if form == "encoded" and with_cond:  # its forward concatenates cond as it comes: no broadcasting
+        lead = cond_lead = points
     skips = ()
-    if form == "point_mlp" and depth > 1:
+    if form in ("point_mlp", "encoded") and depth > 1:
         skips = tuple(sorted(draw(st.sets(st.integers(1, depth - 1), max_size=depth - 1))))
     d_in = draw(st.integers(1, 16))
     d_out = draw(st.one_of(st.just(d_in), st.integers(1, 16)))  # half square: divergence needs d_out == d_in
     idioms = ()
     if form == "sequential":
         idioms = tuple(i for i in IDIOMS if draw(st.integers(0, 3)) == 0)
+    encoding = {}
+    if form == "encoded":
+        pos = dict(allow_nan=False, allow_infinity=False)
+        encoding = dict(bands=tuple(draw(st.lists(st.floats(0.1, 8.0, **pos), min_size=1, max_size=3))),
+                        include_input=draw(st.booleans()),
+                        output_scale=draw(st.one_of(st.none(), st.floats(0.2, 5.0, **pos))))
     return Case(form, d_in, d_out, widths, activations, final_activation,
                 cond_features, skips, lead, cond_lead, draw(st.booleans()), draw(st.integers(1, 3)),
                 draw(st.sampled_from([torch.float32, torch.float64])), draw(st.integers(0, 2 ** 31 - 1)),
                 idioms, draw(st.integers(0, 19)) == 0, draw(st.integers(0, 99)) == 0,
-                d_in <= 8 and draw(st.integers(0, 9)) == 0)
+                d_in <= 8 and draw(st.integers(0, 9)) == 0, **encoding)
 
 
 class _Subclass(nn.Sequential):
@@ -189,9 +201,44 @@ def _siren_init(linear: nn.Linear, previous_activation):
             linear.weight.div_(previous_activation.w0)
 
 
+class _EncodedMLP(nn.Module):
+    """A user-written field as NeRF and NeuS write one: an encoding loop [x, sin(c x), cos(c x)], the encoding
+    (and cond) into the first layer, the encoding again into the skip layers, the first output scaled."""
+
+    def __init__(self, case: Case):
+        super().__init__()
+        self.bands, self.include_input, self.output_scale = case.bands, case.include_input, case.output_scale
+        self.skips = case.skip_layers
+        n_encoded = case.d_in * (int(case.include_input) + 2 * len(case.bands))
+        sizes = [n_encoded + case.cond_features, *case.widths, case.d_out]
+        self.linears = nn.ModuleList(
+            nn.Linear(sizes[i] + (n_encoded if i in self.skips else 0), sizes[i + 1]) for i in range(len(sizes) - 1))
+        self.activations = nn.ModuleList(copy.deepcopy(a) for a in case.activations)
+        self.final = copy.deepcopy(case.final_activation) if case.final_activation is not None else nn.Identity()
+        for previous, linear in zip(self.activations, self.linears[1:]):
+            _siren_init(linear, previous)
+
+    def forward(self, x, cond=None):
+        parts = [x] if self.include_input else []
+        for c in self.bands:
+            parts += [torch.sin(x * c), torch.cos(x * c)]
+        encoded = torch.cat(parts, -1)
+        h = encoded if cond is None else torch.cat([encoded, cond], -1)
+        for i, linear in enumerate(self.linears):
+            if i in self.skips:
+                h = torch.cat([h, encoded], -1)
+            h = linear(h)
+            h = self.activations[i](h) if i < len(self.activations) else self.final(h)
+        if self.output_scale is not None:
+            h = torch.cat([h[..., :1] * self.output_scale, h[..., 1:]], -1)
+        return h
+
+
 def build_model(case: Case) -> nn.Module:
     """The model of a case, in float64; its float32 twin is built the same way."""
     torch.manual_seed(case.seed)
+    if case.form == "encoded":
+        return _EncodedMLP(case).double()
     if case.form == "point_mlp":
         act = copy.deepcopy(case.activations[0]) if case.activations else "identity"
         model = torchjac.PointMLP(case.d_in, list(case.widths), case.d_out, activation=act,
@@ -327,6 +374,10 @@ def check(case: Case):
         return build_model(case).to(dtype)
 
     model64, model = model_in(torch.float64), model_in(case.dtype)
+    if case.form == "encoded":  # fused, unless it scales an output after a nonlinear activation
+        nonlinear_end = case.final_activation is not None and not isinstance(case.final_activation, nn.Identity)
+        why = torchjac.explain(model64, cond=case.cond_lead is not None, ndim=len(case.lead) + 1)
+        assert (why.path == "fused") == (case.output_scale is None or not nonlinear_end), why
     if case.dtype == torch.float32:
         x64, cond64, _, _ = _inputs(case, torch.float64)
         assume(not _near_a_derivative_jump(model64, x64, cond64))

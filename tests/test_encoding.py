@@ -368,3 +368,13 @@ def test_outputs_of_a_plain_sequential_in_both_directions():
         y, jac = torchjac.jacobian(model, x, outputs=outputs, return_output=True)
         assert_close64(y, y_ref[:, outputs])
         assert_close64(jac, jac_ref[:, outputs])
+
+
+def test_a_single_point_and_no_points():
+    """x of shape (d_in,) (found by the fuzzer: the forward modes' reshape had no leading dims) and (0, d_in)."""
+    model = _perturbed(EncodedField(d_out=3))
+    point = _points(1)[0]
+    _, jac_ref = oracle_jacobian(model, point[None])
+    assert_close64(torchjac.jacobian(model, point), jac_ref[0])
+    assert_close64(torchjac.divergence(model, point), jac_ref[0].trace())
+    assert torchjac.jacobian(model, torch.zeros(0, 3, dtype=F64)).shape == (0, 3, 3)

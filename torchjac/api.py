@@ -67,7 +67,7 @@ def _through_encoding(fused: _Fused, encoding: FrequencyEncoding, mode: str, *ex
     n_points = math.prod(lead)  # spelled out: -1 cannot give it for k = 0 tangents
     t = jv.reshape(n_points, *jv.shape[-2:]).transpose(0, 1)
     out = reference.reduce_tangents(mode, t, v.reshape(n_points, *v.shape[-2:]))
-    return y, out.reshape(*lead, *out.shape[1:])
+    return y, out.reshape((*lead, *out.shape[1:]))
 
 
 def _check_tensor(fn: str, name: str, t, like: Optional[torch.Tensor] = None):
