@@ -372,7 +372,7 @@ def test_outputs_of_a_plain_sequential_in_both_directions():
 
 def test_a_single_point_and_no_points():
     """x of shape (d_in,) (found by the fuzzer: the forward modes' reshape had no leading dims) and (0, d_in)."""
-    model = _perturbed(EncodedField(d_out=3))
+    model = _perturbed(EncodedField(d_out=3, skip=False))  # its skip concatenates along dim 1 of (P, d_in)
     point = _points(1)[0]
     _, jac_ref = oracle_jacobian(model, point[None])
     assert_close64(torchjac.jacobian(model, point), jac_ref[0])
