@@ -446,10 +446,54 @@ def test_cond_with_a_one_input_forward():
 def test_time_first_dynamics_passed_directly(t_width):
     f = TimeFirst().double()
     t = torch.full((7, t_width), 0.5, dtype=F64)
-    with pytest.raises(ValueError, match=r"takes the time first.*lambda y, t: model\(t, y\)"):
+    with pytest.raises(ValueError, match=r"takes the time first.*x_arg='y' \(the parameter that receives x\)"):
         torchjac.divergence(f, _points(), cond=t)
     with pytest.raises(ValueError, match=r"takes the time first"):
         torchjac.divergence(f, _points())
+
+
+@pytest.mark.parametrize("x_arg", ["y", 1])
+def test_time_first_dynamics_with_x_arg_run_fused(x_arg):
+    """x_arg names the parameter that receives x: the model itself is recognized, in every function."""
+    f = TimeFirst().double()
+    t = torch.full((7, 1), 0.5, dtype=F64)
+    x = _points(requires_grad=True)
+    y_ref, jac = oracle_jacobian(lambda y, t: f(t, y), x, t)
+    assert torchjac.explain(f, cond=True, x_arg=x_arg).path == "fused"
+    with ops_seen() as seen:
+        y, div = torchjac.divergence(f, x, cond=t, x_arg=x_arg, return_output=True)
+    assert "torchjac.mlp_divergence" in seen
+    assert_close64(y, y_ref)
+    assert_close64(div, jac.diagonal(0, -2, -1).sum(-1))
+    assert_close64(torchjac.jacobian(f, x, cond=t, x_arg=x_arg), jac)
+    v = torch.randn(7, 3, dtype=F64)
+    assert_close64(torchjac.jvp(f, x, v, cond=t, x_arg=x_arg), (jac @ v[..., None])[..., 0])
+    assert torchjac.laplacian(f, x, cond=t, x_arg=x_arg).shape == (7, 3)  # a linear map: 0
+    assert torchjac.hessian(f, x, cond=t, x_arg=x_arg).abs().max() == 0
+    expected = torch.autograd.grad(autograd_jacobian(lambda y, t: f(t, y), x, t)[1].sum(), [x, *f.parameters()],
+                                   allow_unused=True, materialize_grads=True)
+    got = torch.autograd.grad(torchjac.jacobian(f, x, cond=t, x_arg=x_arg).sum(), [x, *f.parameters()],
+                              allow_unused=True, materialize_grads=True)
+    for g, e in zip(got, expected):
+        assert_close64(g, e)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(x_arg="z"), r"x_arg expected the position or the name of f's parameter that receives x \(0, 1 or one of "
+                      r"the names \['t', 'y'\]\), got 'z'"),
+    (dict(x_arg=2), r"x_arg expected the position or the name"),
+    (dict(x_arg="y", cond=None), r"x_arg says which of f's two inputs is x; pass the other one as cond"),
+])
+def test_x_arg_errors(kwargs, match):
+    kwargs = {"cond": torch.full((7, 1), 0.5, dtype=F64), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        torchjac.divergence(TimeFirst().double(), _points(), **kwargs)
+
+
+def test_x_arg_with_a_sequential_is_refused():
+    with pytest.raises(ValueError, match=r"x_arg given, but torchjac calls an nn.Sequential on cat\(\[x, cond\]"):
+        torchjac.jacobian(nn.Sequential(nn.Linear(4, 3)).double(), _points(), cond=torch.ones(7, 1, dtype=F64),
+                          x_arg=1)
 
 
 def test_time_first_dynamics_wrapped():

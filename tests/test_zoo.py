@@ -33,10 +33,13 @@ class Case:
     square: bool = False                 # d_out == d_in: also the divergence, and the loss is built on it
     channels_first: bool = False         # PointNet: x is (B, C, N)
     run: Optional[Callable] = None       # run(api, x, cond) -> (y, result), when not api(f, x, cond=cond)
+    x_arg: Optional[str] = None          # torchjac is given the model itself, called model(cond, x)
 
     def call(self, api, x, cond):
         if self.run is not None:
             return self.run(api, x, cond)
+        if self.x_arg is not None:
+            return api(self.model, x, cond=cond, x_arg=self.x_arg, return_output=True)
         return api(self.f, x, cond=cond, return_output=True)
 
 
@@ -118,12 +121,19 @@ def deepsdf():
                 explain_of=decoder)
 
 
+# FFJORD's layers that read t only by concatenation run fused; the others modulate a layer by t.
+FFJORD_EXPLAIN = {"concat": ("fused", "ODEnet, called as f(cond, x), traced by torch.fx: 3 Linear layers, skips"),
+                  "ignore": ("fused", "ODEnet, called as f(cond, x), traced by torch.fx: 3 Linear layers"),
+                  "squash": ("generic", "call_method view"), "concatsquash": ("generic", "call_method view"),
+                  "blend": ("generic", "does not read the previous layer"), "hyper": ("generic", "call_method view")}
+
+
 def ffjord(layer_type, nonlinearity):
     def make():
         net = _perturb(zoo.ODEnet((16, 16), 3, layer_type, nonlinearity).double(), 0.2)
         t = torch.tensor([0.3], dtype=torch.float64)
-        return Case(net, lambda y, t: net(t, y), _points(16, 3), t, cnf_nll,
-                    ("generic", "not an nn.Module"), square=True)
+        return Case(net, lambda y, t: net(t, y), _points(16, 3), t, cnf_nll, FFJORD_EXPLAIN[layer_type],
+                    square=True, x_arg="y")
     return make
 
 
@@ -312,8 +322,8 @@ def test_training_gradients_match_create_graph(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_explain_says_which_path_runs(name):
     case = _case(name)
-    target = case.f if case.explain_of is None else case.explain_of
-    why = torchjac.explain(target, cond=case.cond is not None and case.explain_of is None)
+    target = case.model if case.x_arg else case.f if case.explain_of is None else case.explain_of
+    why = torchjac.explain(target, cond=case.cond is not None and case.explain_of is None, x_arg=case.x_arg)
     path, detail = case.explain
     assert why.path == path, why
     assert detail in why.detail, why
@@ -334,7 +344,7 @@ def test_explain_says_which_path_runs(name):
 
 # ---- compiled training steps: one per model, small, aot_eager (inductor's C++ build is too slow here)
 
-COMPILED = ["neus", "igr", "deepsdf", "ffjord_concatsquash", "hyper_cnf_functional_call", "siren_metasequential",
+COMPILED = ["neus", "idr", "igr", "deepsdf", "ffjord_concat", "ffjord_concatsquash", "hyper_cnf_functional_call", "siren_metasequential",
             "pointnet", "nerfies_se3"]
 
 

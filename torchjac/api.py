@@ -6,6 +6,7 @@ description (torchjac/spec.py) and calls a torchjac op. The generic path
 """
 import inspect
 import math
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -115,8 +116,8 @@ def _check_call(fn: str, f, has_cond: bool):
             and positional[1].default is inspect.Parameter.empty):
         # torchdiffeq's and FFJORD's dynamics take (t, y); called as f(x, cond) they would get the points as t.
         raise ValueError(f"torchjac.{fn}: {name}{signature} takes the time first, but torchjac calls {call} with "
-                         f"the points first; pass the points as x and the time as cond with "
-                         f"`lambda y, t: model(t, y)` as f")
+                         f"the points first; pass the points as x, the time as cond, and "
+                         f"x_arg={positional[1].name!r} (the parameter that receives x)")
     try:
         signature.bind(*(("x", "cond") if has_cond else ("x",)))
     except TypeError as e:
@@ -124,6 +125,56 @@ def _check_call(fn: str, f, has_cond: bool):
                 if has_cond else "pass cond=..., or wrap the model in a function of x alone")
         raise ValueError(f"torchjac.{fn}: torchjac calls {call}, but {name}{signature} cannot be called so "
                          f"({e}); {hint}") from None
+
+
+class XSecond(nn.Module):
+    """f(cond, x) as a module of (x, cond): torchdiffeq's and FFJORD's forward(t, y), given x_arg.
+
+    torch.fx traces through it into f's own forward, so f runs fused wherever f(x, cond) would.
+    """
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+        self.model_name = f"{type(f).__name__}, called as f(cond, x),"
+
+    def forward(self, x, cond):
+        return self.f(cond, x)
+
+
+_X_SECOND = weakref.WeakKeyDictionary()  # one wrapper per model: torch.compile and recognition see one module
+
+
+def _place_x(fn: str, f, x_arg, has_cond: bool):
+    """f as torchjac calls it, f(x) or f(x, cond), where x_arg names which of f's two inputs is x."""
+    if x_arg is None:
+        return f
+    if not has_cond:
+        raise ValueError(f"torchjac.{fn}: x_arg says which of f's two inputs is x; pass the other one as cond")
+    if isinstance(f, nn.Sequential):
+        raise ValueError(f"torchjac.{fn}: x_arg given, but torchjac calls an nn.Sequential on cat([x, cond], -1); "
+                         f"leave x_arg unset")
+    target = f.forward if isinstance(f, nn.Module) else f
+    try:
+        names = [p.name for p in inspect.signature(target).parameters.values()
+                 if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)][:2]
+    except (TypeError, ValueError):
+        names = None
+    if isinstance(x_arg, str) and names is not None and x_arg in names:
+        position = names.index(x_arg)
+    elif isinstance(x_arg, int) and not isinstance(x_arg, bool) and x_arg in (0, 1):
+        position = x_arg
+    else:
+        expected = f"0, 1 or one of the names {names}" if names is not None else "0 or 1"
+        raise ValueError(f"torchjac.{fn}: x_arg expected the position or the name of f's parameter that receives "
+                         f"x ({expected}), got {x_arg!r}")
+    if position == 0:
+        return f
+    if not isinstance(f, nn.Module):
+        return lambda x, cond: f(cond, x)
+    if f not in _X_SECOND:
+        _X_SECOND[f] = XSecond(f)
+    return _X_SECOND[f]
 
 
 def _transformed(tensors) -> bool:
@@ -274,7 +325,7 @@ def _output_rows(fn: str, outputs, d_out: int) -> list:
 
 
 def jacobian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_output: bool = False,
-             event_dims: int = 1, chunk_size: Optional[int] = None, outputs=None):
+             event_dims: int = 1, chunk_size: Optional[int] = None, outputs=None, x_arg=None):
     """Per-point Jacobian ``J[..., i, j] = d f(x)_i / d x_j`` of shape ``(..., d_out, d_in)``.
 
     f is a ``torchjac.PointMLP`` (called as ``f(x, cond)``), an ``nn.Sequential`` of Linear layers and
@@ -293,6 +344,9 @@ def jacobian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_
     The generic path takes VJPs, and JVPs only when ``d_in < d_out`` outside autograd. ``torchjac.explain(f)``
     says which direction the fused path takes.
 
+    ``x_arg`` says which of f's two inputs receives x when f takes cond first, as torchdiffeq's and FFJORD's
+    ``forward(t, y)``: its position (1) or name (``x_arg="y"``); cond goes to the other. Every function takes it.
+
     ``outputs`` (a slice or a sequence of ints; ``event_dims=1``) asks for the rows of J of those output features
     only, ``(..., len(outputs), d_in)``: the gradient of an SDF's distance alone when the model also returns
     features (NeuS, IDR: ``outputs=slice(0, 1)``). The fused path then computes those outputs only, in the
@@ -302,6 +356,7 @@ def jacobian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_
     if outputs is not None and event_dims != 1:
         raise ValueError(f"torchjac.jacobian: outputs selects output features of a point with event_dims=1, got "
                          f"event_dims={event_dims}")
+    f = _place_x("jacobian", f, x_arg, cond is not None)
     x, fused = _route("jacobian", f, x, cond, event_dims, chunk_size)
     if fused is None:
         y, jac = _generic(f, generic.jacobian, "jacobian", _generic_model(f, cond), x, event_dims,
@@ -394,7 +449,8 @@ def _nan_at_non_finite_points(out: torch.Tensor, x: torch.Tensor, cond, event_di
 
 def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estimator: str = "exact",
                num_samples: int = 1, noise: str = "rademacher", generator: Optional[torch.Generator] = None,
-               return_output: bool = False, event_dims: int = 1, chunk_size: Optional[int] = None):
+               return_output: bool = False, event_dims: int = 1, chunk_size: Optional[int] = None,
+               x_arg=None):
     """Per-point divergence (trace of the Jacobian), shape ``x.shape[:-event_dims]``. Needs ``d_out == d_in``.
 
     ``estimator="hutchinson"`` returns the unbiased estimate ``mean_s e_s^T J e_s`` over ``num_samples``
@@ -402,6 +458,7 @@ def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estim
     instead be a tensor of noise vectors, of shape ``x.shape`` or ``(S, *x.shape)``, for instance to reuse one
     draw over every step of an ODE solve (FFJORD); it is a constant and is not differentiated.
     """
+    f = _place_x("divergence", f, x_arg, cond is not None)
     user_noise = _check_estimator("divergence", estimator, noise, num_samples, generator, x)
     x, fused = _route("divergence", f, x, cond, event_dims, chunk_size,
                       extra=() if user_noise is None else (user_noise,))
@@ -427,7 +484,7 @@ def divergence(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estim
 
 def laplacian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estimator: str = "exact",
               num_samples: int = 1, noise: str = "rademacher", generator: Optional[torch.Generator] = None,
-              return_output: bool = False, event_dims: int = 1):
+              return_output: bool = False, event_dims: int = 1, x_arg=None):
     """Per-point Laplacian of each output, ``L[..., i] = sum_j d² f(x)_i / d x_j²``, shaped like ``f(x)``.
 
     The fused path computes it exactly in one forward pass that carries, with each point's value, its
@@ -437,6 +494,7 @@ def laplacian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estima
     ``cond`` is not differentiated in L but receives gradients when training. With ``event_dims`` trailing dims
     per point, the sum runs over all of a point's input entries, and L has shape ``(*batch, *out_event)``.
     """
+    f = _place_x("laplacian", f, x_arg, cond is not None)
     user_noise = _check_estimator("laplacian", estimator, noise, num_samples, generator, x)
     x, fused = _route("laplacian", f, x, cond, event_dims, extra=() if user_noise is None else (user_noise,))
     if fused is None:
@@ -457,7 +515,7 @@ def laplacian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, estima
 
 
 def hessian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_output: bool = False,
-            event_dims: int = 1):
+            event_dims: int = 1, x_arg=None):
     """Per-point Hessian of each output, ``H[..., i, j, k] = d² f(x)_i / d x_j d x_k``, of shape
     ``(..., d_out, d_in, d_in)``; with ``event_dims`` trailing dims per point ``(*batch, *out_event, *in_event,
     *in_event)``. For a channels-first Conv1d stack H is per point, ``(B, N, C_out, C_in, C_in)``, like J.
@@ -465,6 +523,7 @@ def hessian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_o
     The fused path carries, with each point's value and ``d_in`` tangents, one second-order row per pair
     ``j <= k``: ``d_in (d_in + 1) / 2`` rows. For the Laplacian alone, ``laplacian`` carries one.
     """
+    f = _place_x("hessian", f, x_arg, cond is not None)
     x, fused = _route("hessian", f, x, cond, event_dims)
     if fused is None:
         y, hess = _generic(f, generic.hessian, "hessian", _generic_model(f, cond), x, event_dims)
@@ -476,8 +535,9 @@ def hessian(f, x: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_o
 
 
 def jvp(f, x: torch.Tensor, v: torch.Tensor, *, cond: Optional[torch.Tensor] = None, return_output: bool = False,
-        event_dims: int = 1):
+        event_dims: int = 1, x_arg=None):
     """Per-point Jacobian-vector product ``J v``, shaped like f(x); v broadcasts against x."""
+    f = _place_x("jvp", f, x_arg, cond is not None)
     _check_tensor("jvp", "v", v, like=x)
     x, fused = _route("jvp", f, x, cond, event_dims, extra=(v,))
     if fused is None:
@@ -518,10 +578,11 @@ class Explanation(NamedTuple):
         return f"{self.path}: {self.detail}"
 
 
-def explain(f, *, cond: bool = False, ndim: int = 2) -> Explanation:
+def explain(f, *, cond: bool = False, ndim: int = 2, x_arg=None) -> Explanation:
     """Which path computes f, and if not the fused one, which layer or node stopped it.
 
-    ``cond=True`` explains the call ``f(x, cond)``. ``ndim`` is the number of dims of the x it explains the
-    call for, (P, d_in) by default: a forward that concatenates along dim 1 concatenates features only then.
+    ``cond=True`` explains the call ``f(x, cond)``, and with ``x_arg`` the call in the order it names, as the
+    other functions take it. ``ndim`` is the number of dims of the x it explains the call for, (P, d_in) by
+    default: a forward that concatenates along dim 1 concatenates features only then.
     """
-    return Explanation(*spec_lib.explain(f, cond, ndim))
+    return Explanation(*spec_lib.explain(_place_x("explain", f, x_arg, cond), cond, ndim))

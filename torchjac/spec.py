@@ -381,8 +381,8 @@ def from_recipe(f: nn.Module, recipe: Recipe, d_in: int, cond_features: int) -> 
         widths = {"h": width_h, **dict(inputs)}
         try:
             cols = _column_blocks(w, layer.blocks, widths)
-        except ValueError as e:
-            raise ValueError(f"Linear {layer.module!r}: {e}") from None
+        except ValueError as e:  # the trace read the widths otherwise than the model (a broadcast): not fused
+            raise NotFusable(f"Linear {layer.module!r}: {e}") from None
         reads_input = any(source != "h" for source in cols)
         if i > 0 and reads_input:
             skips.append(i)
@@ -443,7 +443,8 @@ def _recipe_detail(f: nn.Module, recipe: Recipe) -> str:
     encoding = (f"a frequency encoding of x ({len(recipe.encoding)} sin/cos blocks), " if recipe.encoding else "")
     rows = (f", output features {[r for r, _ in recipe.output_rows]} of the last"
             if recipe.output_rows is not None else "")
-    return (f"{type(f).__name__} traced by torch.fx: {encoding}{len(recipe.layers)} Linear layers"
+    name = getattr(f, "model_name", type(f).__name__)
+    return (f"{name} traced by torch.fx: {encoding}{len(recipe.layers)} Linear layers"
             + (f", skips into layers {skips}" if skips else "") + rows)
 
 

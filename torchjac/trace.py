@@ -79,6 +79,12 @@ class _Const(NamedTuple):
     value: float
 
 
+class _Ones(NamedTuple):
+    """torch.ones_like(a tensor): times a value, the value broadcast to every point (FFJORD's
+    ``ones_like(x[:, :1]) * t``)."""
+    node: str
+
+
 class _Meta(NamedTuple):
     """A shape, a slice, a specialized argument or a guard on one: no feature values."""
     node: str
@@ -91,6 +97,7 @@ _MUL = {operator.mul, torch.mul, "mul"}
 _DIV = {operator.truediv, torch.div, torch.true_divide, "div", "true_divide"}
 _CAT = {torch.cat, torch.concat, "cat", "concat"}
 _EXPAND = {"expand", "expand_as", "broadcast_to", torch.broadcast_to}
+_ONES_LIKE = {torch.ones_like, "new_ones"}
 _SHAPE = {"size", "dim", operator.getitem, getattr}
 
 
@@ -308,7 +315,9 @@ class _Interpreter:
             elif node.op in ("call_function", "call_method"):
                 key = target if node.op == "call_function" else str(target)
                 encoded = _functional_activation(key, args, kwargs)
-                if not _has_features(args) and not _has_features(kwargs):
+                if key in _ONES_LIKE:
+                    env[node.name] = _Ones(node.name)
+                elif not _has_features(args) and not _has_features(kwargs):
                     env[node.name] = _Meta(node.name)  # shapes, guards on specialized arguments
                 elif key in _SIN | _COS and isinstance(args[0], _Blocks):
                     env[node.name] = self.encode("sin" if key in _SIN else "cos", args[0], node)
@@ -321,6 +330,8 @@ class _Interpreter:
                         raise NotFusable(f"node {node.name!r}: torch.cat along dim {dim}{rank}; the fused path needs "
                                          f"the feature dim (-1)")
                     env[node.name] = self.cat(args[0], node)
+                elif key in _MUL and len(args) == 2 and any(isinstance(a, _Ones) for a in args):
+                    env[node.name] = args[1] if isinstance(args[0], _Ones) else args[0]
                 elif key in _MUL | _DIV and len(args) == 2:
                     a, b = args
                     if _scalar(b) is not None:
