@@ -78,6 +78,7 @@ class Case(NamedTuple):
     bands: Tuple[float, ...] = ()  # "encoded": the frequencies c of sin(c x), cos(c x)
     include_input: bool = True     # "encoded": x itself is part of the encoding
     output_scale: Optional[float] = None  # "encoded": the first output feature is scaled by it
+    modulated: Tuple[int, ...] = ()  # "encoded": layers FiLM-modulated by cond, shared by all points (not concatenated)
 
 
 # Ways of writing the same Sequential; each keeps the function it computes, or (hook) changes it knowingly.
@@ -103,7 +104,11 @@ def cases(draw):
     cond_features = draw(st.integers(1, 4)) if with_cond else 0
     lead = broadcasting_part() if with_cond else points
     cond_lead = broadcasting_part() if with_cond else None
-    if form == "encoded" and with_cond:  # its forward concatenates cond as it comes: no broadcasting
+    modulated = ()
+    if form == "encoded" and with_cond and draw(st.booleans()):  # FiLM: one cond for all points
+        modulated = tuple(sorted(draw(st.sets(st.integers(0, depth - 1), min_size=1, max_size=depth))))
+        lead, cond_lead = points, (1,) * len(points)
+    elif form == "encoded" and with_cond:  # its forward concatenates cond as it comes: no broadcasting
         lead = cond_lead = points
     skips = ()
     if form in ("point_mlp", "encoded") and depth > 1:
@@ -118,7 +123,7 @@ def cases(draw):
         pos = dict(allow_nan=False, allow_infinity=False)
         encoding = dict(bands=tuple(draw(st.lists(st.floats(0.1, 8.0, **pos), min_size=1, max_size=3))),
                         include_input=draw(st.booleans()),
-                        output_scale=draw(st.one_of(st.none(), st.floats(0.2, 5.0, **pos))))
+                        output_scale=draw(st.one_of(st.none(), st.floats(0.2, 5.0, **pos))), modulated=modulated)
     return Case(form, d_in, d_out, widths, activations, final_activation,
                 cond_features, skips, lead, cond_lead, draw(st.booleans()), draw(st.integers(1, 3)),
                 draw(st.sampled_from([torch.float32, torch.float64])), draw(st.integers(0, 2 ** 31 - 1)),
@@ -203,14 +208,18 @@ def _siren_init(linear: nn.Linear, previous_activation):
 
 class _EncodedMLP(nn.Module):
     """A user-written field as NeRF and NeuS write one: an encoding loop [x, sin(c x), cos(c x)], the encoding
-    (and cond) into the first layer, the encoding again into the skip layers, the first output scaled."""
+    (and cond) into the first layer, the encoding again into the skip layers, the first output scaled; or, with
+    `modulated` layers, cond (one for all points) scaling and shifting those layers' outputs, as FiLM does."""
 
     def __init__(self, case: Case):
         super().__init__()
         self.bands, self.include_input, self.output_scale = case.bands, case.include_input, case.output_scale
         self.skips = case.skip_layers
         n_encoded = case.d_in * (int(case.include_input) + 2 * len(case.bands))
-        sizes = [n_encoded + case.cond_features, *case.widths, case.d_out]
+        self.concat_cond = not case.modulated
+        sizes = [n_encoded + (case.cond_features if self.concat_cond else 0), *case.widths, case.d_out]
+        self.modulated = case.modulated
+        self.film = nn.ModuleDict({str(i): nn.Linear(case.cond_features, 2 * sizes[i + 1]) for i in case.modulated})
         self.linears = nn.ModuleList(
             nn.Linear(sizes[i] + (n_encoded if i in self.skips else 0), sizes[i + 1]) for i in range(len(sizes) - 1))
         self.activations = nn.ModuleList(copy.deepcopy(a) for a in case.activations)
@@ -223,11 +232,14 @@ class _EncodedMLP(nn.Module):
         for c in self.bands:
             parts += [torch.sin(x * c), torch.cos(x * c)]
         encoded = torch.cat(parts, -1)
-        h = encoded if cond is None else torch.cat([encoded, cond], -1)
+        h = encoded if cond is None or not self.concat_cond else torch.cat([encoded, cond], -1)
         for i, linear in enumerate(self.linears):
             if i in self.skips:
                 h = torch.cat([h, encoded], -1)
             h = linear(h)
+            if i in self.modulated:
+                gamma, beta = self.film[str(i)](cond).chunk(2, -1)
+                h = h * (1 + gamma) + beta
             h = self.activations[i](h) if i < len(self.activations) else self.final(h)
         if self.output_scale is not None:
             h = torch.cat([h[..., :1] * self.output_scale, h[..., 1:]], -1)

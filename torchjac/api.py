@@ -235,9 +235,10 @@ def _route(fn: str, f, x, cond, event_dims, chunk_size=None, extra=()):
                                  f"got shape {tuple(cond.shape)}")
             cond = cond.movedim(-2, -1)
             c = cond.shape[-1]
+    user_cond = cond
     x, cond = _broadcast_points(fn, x, cond)
     try:
-        spec = spec_lib.lower(f, x, c)
+        spec = spec_lib.lower(f, x, c, user_cond)
     except NotFusable as e:
         if channels_first:  # no generic fallback: the generic path needs features in the last dim
             raise ValueError(f"torchjac.{fn}: {e}; a channels-first Conv1d stack has no generic fallback") from None

@@ -25,7 +25,7 @@ from torch.nn.utils.weight_norm import WeightNorm  # the older weight_norm's for
 from . import activations as act
 from .encoding import FrequencyEncoding
 from .mlp import PointMLP
-from .trace import NotFusable, Recipe, recognize
+from .trace import NotFusable, Recipe, ValueRef, recognize, run_cond_program
 
 CHANNELS_LAST = "channels_last"    # x (..., features): features in the last dim
 CHANNELS_FIRST = "channels_first"  # x (B, features, N) or (features, N): PointNet's Conv1d layout
@@ -368,16 +368,46 @@ def _column_blocks(weight: torch.Tensor, blocks, widths) -> dict:
     return out
 
 
-def from_recipe(f: nn.Module, recipe: Recipe, d_in: int, cond_features: int) -> MLPSpec:
+def _modulated(w, b, modulation, values):
+    """W and b of a layer whose output W h + b is then multiplied or shifted, step by step, by constants or by
+    vectors computed from cond (one per output feature, or one for all)."""
+    for op, operand in modulation:
+        g = values[operand.index] if isinstance(operand, ValueRef) else operand
+        if torch.is_tensor(g):
+            if g.numel() not in (1, w.shape[0]):
+                raise NotFusable(f"a layer of {w.shape[0]} outputs is modulated by a tensor of shape "
+                                 f"{tuple(g.shape)} computed from cond; the fused path folds one value per output "
+                                 f"feature")
+            g = g.reshape(-1)
+        if op == "mul":
+            w, b = (g[:, None] if torch.is_tensor(g) else g) * w, g * b
+        else:
+            b = b + g
+    return w, b
+
+
+def from_recipe(f: nn.Module, recipe: Recipe, d_in: int, cond_features: int,
+                cond: Optional[torch.Tensor] = None) -> MLPSpec:
     """The layers of a recipe. Those reading the input take cat([x, enc_0(x), ..., cond]) when the recipe
-    encodes x, zero columns standing for blocks a layer does not read."""
+    encodes x, zero columns standing for blocks a layer does not read. cond: the call's, as the user passed it,
+    on which the recipe's cond program runs."""
+    values = run_cond_program(f, recipe.cond_program, cond) if recipe.cond_program else []
     weights, biases, codes, params, skips = [], [], [], [], []
     encoded = [f"enc{j}" for j in range(len(recipe.encoding))]
     inputs = [("x", d_in)] + [(source, d_in) for source in encoded] + [("cond", cond_features)]
     width_h = 0
     for i, layer in enumerate(recipe.layers):
-        linear = f.get_submodule(layer.module)
-        w = _weight(linear)
+        if layer.weight_value is None:
+            linear = f.get_submodule(layer.module)
+            w = _weight(linear)
+            b = _bias(linear, w)
+        else:  # F.linear with a weight and bias computed from cond
+            w = values[layer.weight_value[0]]
+            b = w.new_zeros(w.shape[0]) if layer.weight_value[1] is None else values[layer.weight_value[1]]
+            if w.dim() != 2 or b.shape != (w.shape[0],):
+                raise NotFusable(f"layer {i}: F.linear with a weight of shape {tuple(w.shape)} and a bias of shape "
+                                 f"{tuple(b.shape)} computed from cond")
+        w, b = _modulated(w, b, layer.modulation, values)
         widths = {"h": width_h, **dict(inputs)}
         try:
             cols = _column_blocks(w, layer.blocks, widths)
@@ -391,7 +421,6 @@ def from_recipe(f: nn.Module, recipe: Recipe, d_in: int, cond_features: int) -> 
             for source, n in inputs:
                 parts.append(cols[source] if source in cols else w.new_zeros(w.shape[0], n))
         w_ours = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-        b = _bias(linear, w)
         if layer.z_scale != 1.0:
             w_ours, b = w_ours * layer.z_scale, b * layer.z_scale
         weights.append(w_ours)
@@ -410,9 +439,9 @@ def from_recipe(f: nn.Module, recipe: Recipe, d_in: int, cond_features: int) -> 
 
 # ---- entry points
 
-def lower(f, x: torch.Tensor, cond_features: int) -> MLPSpec:
+def lower(f, x: torch.Tensor, cond_features: int, cond: Optional[torch.Tensor] = None) -> MLPSpec:
     """The MLP description of f for channels-last x (..., d_in), or NotFusable if only the generic
-    path can compute f."""
+    path can compute f. cond: the call's cond as the user passed it (a model may compute its weights from it)."""
     if not isinstance(f, nn.Module):
         raise NotFusable(f"f is a {type(f).__name__}, not an nn.Module")
     reason = hooks_reason(f)
@@ -435,7 +464,12 @@ def lower(f, x: torch.Tensor, cond_features: int) -> MLPSpec:
                              f"`lambda x, cond: model(torch.cat([x, cond], -1))` to the generic path, or a "
                              f"module that takes (x, cond)")
         return spec._replace(d_in=d_in, cond_features=cond_features)
-    return from_recipe(f, _recipe(f, cond_features > 0, x.dim()), d_in, cond_features)
+    recipe = _recipe(f, cond_features > 0, x.dim())
+    if recipe.cond_program and cond.numel() != cond_features:
+        raise NotFusable(f"{type(f).__name__} computes layer weights or modulations from cond, which differs "
+                         f"between points here (cond of shape {tuple(cond.shape)}); the fused path folds them into "
+                         f"the weights only for one cond shared by all points")
+    return from_recipe(f, recipe, d_in, cond_features, cond)
 
 
 def _recipe_detail(f: nn.Module, recipe: Recipe) -> str:
@@ -443,6 +477,15 @@ def _recipe_detail(f: nn.Module, recipe: Recipe) -> str:
     encoding = (f"a frequency encoding of x ({len(recipe.encoding)} sin/cos blocks), " if recipe.encoding else "")
     rows = (f", output features {[r for r, _ in recipe.output_rows]} of the last"
             if recipe.output_rows is not None else "")
+    modulated = [i for i, layer in enumerate(recipe.layers) if layer.modulation and any(
+        isinstance(operand, ValueRef) for _, operand in layer.modulation)]
+    from_cond = [i for i, layer in enumerate(recipe.layers) if layer.weight_value is not None]
+    if modulated:
+        rows += f", layers {modulated} modulated by cond"
+    if from_cond:
+        rows += f", the weights of layers {from_cond} computed from cond"
+    if recipe.cond_program:
+        rows += " (fused for one cond shared by all points)"
     name = getattr(f, "model_name", type(f).__name__)
     return (f"{name} traced by torch.fx: {encoding}{len(recipe.layers)} Linear layers"
             + (f", skips into layers {skips}" if skips else "") + rows)
@@ -456,17 +499,21 @@ def _direction_note(d_in: Optional[int], d_out: int, encoded: bool = False) -> s
     cuda = ", on CUDA in forward mode (the fused kernel)" if fused_cuda else ""
     second = ("; laplacian and hessian on the generic path (no fused second order through an input encoding yet)"
               if encoded else "; laplacian and hessian in forward mode, with second-order rows")
-    if d_in is None:
-        return (f"{where} in forward mode, or in reverse mode if d_out={d_out} < d_in (x's features, cond's not "
+    if d_in is None or d_out is None:
+        outputs = "d_out" if d_out is None else f"d_out={d_out}"
+        return (f"{where} in forward mode, or in reverse mode if {outputs} < d_in (x's features, cond's not "
                 f"counted){cuda}{second}")
     return f"{where} in {jacobian_direction(d_in, d_out, cpu)} mode (d_in={d_in}, d_out={d_out}){cuda}{second}"
 
 
-def _recipe_dims(f: nn.Module, recipe: Recipe, has_cond: bool) -> Tuple[Optional[int], int]:
-    """(d_in, d_out) of a recognized module; d_in is None where cond's width is part of the first layer's."""
-    first, last = (f.get_submodule(layer.module) for layer in (recipe.layers[0], recipe.layers[-1]))
-    d_out = last.out_features if recipe.output_rows is None else len(recipe.output_rows)
-    if has_cond or "cond" in [block for block, _ in recipe.layers[0].blocks]:
+def _recipe_dims(f: nn.Module, recipe: Recipe, has_cond: bool) -> Tuple[Optional[int], Optional[int]]:
+    """(d_in, d_out) of a recognized module; None where they are not known before the call: d_in where cond's
+    width is part of the first layer's, either where a layer's weights are computed from cond."""
+    first, last = (f.get_submodule(layer.module) if layer.weight_value is None else None
+                   for layer in (recipe.layers[0], recipe.layers[-1]))
+    d_out = (len(recipe.output_rows) if recipe.output_rows is not None else
+             last.out_features if last is not None else None)
+    if has_cond or first is None or "cond" in [block for block, _ in recipe.layers[0].blocks]:
         return None, d_out
     return first.in_features // len(recipe.layers[0].blocks), d_out  # each block (x, enc<j>) is d_in wide
 

@@ -31,16 +31,23 @@ class NotFusable(Exception):
 
 
 class RecipeLayer(NamedTuple):
-    module: str                           # qualified name of the nn.Linear
+    module: str                           # qualified name of the nn.Linear; "" when weights come from cond
     blocks: Tuple[Tuple[str, float], ...]  # the input columns in order: ("x" | "cond" | "h" | "enc<j>", scale)
-    z_scale: float                        # z = z_scale * (W @ input + b)
+    z_scale: float                        # z = z_scale * modulated(W @ input + b)
     activation: Tuple[int, float, float]  # code, p0, p1
+    # Steps applied to W @ input + b before z_scale: ("mul" | "add", float or ("value", i)), where value i of
+    # the recipe's cond program is a per-feature vector computed from cond (FiLM, FFJORD's gates).
+    modulation: tuple = ()
+    weight_value: Optional[Tuple[int, Optional[int]]] = None  # (weight, bias) values of the cond program
 
 
 class Recipe(NamedTuple):
     layers: Tuple[RecipeLayer, ...]
     encoding: Tuple[Tuple[str, float], ...] = ()  # block "enc<j>" is kind(c x), (kind, c) = encoding[j]
     output_rows: Optional[Tuple[Tuple[int, float], ...]] = None  # (row, scale) of the last layer, None: all
+    # What the forward computes from cond alone, step by step (see CondProgram): evaluated at each call on the
+    # call's cond, which must then be one point shared by all, so its results fold into the weights.
+    cond_program: tuple = ()
 
 
 @dataclasses.dataclass
@@ -50,6 +57,8 @@ class _Layer:
     blocks: tuple
     z_scale: float = 1.0
     activation: Optional[Tuple[int, float, float]] = None
+    modulation: list = dataclasses.field(default_factory=list)
+    weight_value: Optional[Tuple[int, Optional[int]]] = None
 
 
 _IDENTITY = (int(act.Act.IDENTITY), 0.0, 0.0)
@@ -79,6 +88,11 @@ class _Const(NamedTuple):
     value: float
 
 
+class _CondValue(NamedTuple):
+    """A tensor computed from cond (and parameters) alone: value `ref` of the cond program."""
+    ref: int
+
+
 class _Ones(NamedTuple):
     """torch.ones_like(a tensor): times a value, the value broadcast to every point (FFJORD's
     ``ones_like(x[:, :1]) * t``)."""
@@ -98,6 +112,62 @@ _DIV = {operator.truediv, torch.div, torch.true_divide, "div", "true_divide"}
 _CAT = {torch.cat, torch.concat, "cat", "concat"}
 _EXPAND = {"expand", "expand_as", "broadcast_to", torch.broadcast_to}
 _ONES_LIKE = {torch.ones_like, "new_ones"}
+_ADD = {operator.add, torch.add, "add"}
+_LINEAR = {F.linear, "linear"}
+
+
+# ---- the cond program: what the forward computes from cond alone, replayed at each call on the call's cond
+
+class ValueRef(NamedTuple):
+    index: int  # an earlier value of the program
+
+
+class SliceArg(NamedTuple):
+    start: object
+    stop: object
+    step: object
+
+
+# The functions and methods a cond program may call, by name: a recipe holds plain values, no callables.
+COND_FUNCTIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "exp": torch.exp,
+                  "sin": torch.sin, "cos": torch.cos, "softplus": F.softplus, "silu": F.silu, "elu": F.elu,
+                  "gelu": F.gelu, "leaky_relu": F.leaky_relu, "add": operator.add, "sub": operator.sub,
+                  "mul": operator.mul, "truediv": operator.truediv, "neg": operator.neg,
+                  "getitem": operator.getitem, "cat": torch.cat, "linear": F.linear, "matmul": torch.matmul,
+                  "chunk": torch.chunk, "split": torch.split}
+_COND_FUNCTION_NAMES = {fn: name for name, fn in COND_FUNCTIONS.items()}
+_COND_FUNCTION_NAMES.update({F.sigmoid: "sigmoid", F.tanh: "tanh", F.relu: "relu", torch.mul: "mul",
+                             torch.add: "add", torch.sub: "sub", torch.div: "truediv", torch.concat: "cat"})
+COND_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "expand", "t", "transpose", "permute",
+                "contiguous", "sigmoid", "tanh", "exp", "relu", "__getitem__", "add", "sub", "mul", "div", "chunk",
+                "split", "sum", "mean"}
+
+
+def run_cond_program(module: nn.Module, program, cond: torch.Tensor) -> list:
+    """The values of a recipe's cond program for this call's cond (as the user passed it), differentiable
+    w.r.t. cond and the parameters of the modules it calls."""
+    values = []
+
+    def arg(a):
+        if isinstance(a, ValueRef):
+            return values[a.index]
+        if isinstance(a, SliceArg):
+            return slice(a.start, a.stop, a.step)
+        if isinstance(a, tuple):
+            return tuple(arg(b) for b in a)
+        return a
+
+    for kind, target, args, kwargs in program:
+        args, kwargs = arg(args), {k: arg(v) for k, v in kwargs}
+        if kind == "cond":
+            values.append(cond * target if target != 1.0 else cond)
+        elif kind == "module":
+            values.append(module.get_submodule(target)(*args, **kwargs))
+        elif kind == "function":
+            values.append(COND_FUNCTIONS[target](*args, **kwargs))
+        else:
+            values.append(getattr(args[0], target)(*args[1:], **kwargs))
+    return values
 _SHAPE = {"size", "dim", operator.getitem, getattr}
 
 
@@ -147,6 +217,11 @@ def _has_features(value) -> bool:
     return False
 
 
+def _from_cond_alone(value) -> bool:
+    return isinstance(value, _CondValue) or (isinstance(value, _Blocks) and len(value.parts) == 1
+                                             and value.parts[0][0] == "cond")
+
+
 def _feature_slice(index, ndim: Optional[int]) -> Optional[slice]:
     """The slice of the feature dim that index takes, or None if it indexes anything else."""
     if not isinstance(index, tuple) or not index or not isinstance(index[-1], slice):
@@ -159,14 +234,17 @@ def _feature_slice(index, ndim: Optional[int]) -> Optional[slice]:
 
 
 class _Interpreter:
-    def __init__(self, module: nn.Module, n_inputs: int, ndim: Optional[int], constants: dict):
+    def __init__(self, module: nn.Module, n_inputs: int, ndim: Optional[int], constants: dict,
+                 cond_linears: bool = False):
         self.module = module
+        self.cond_linears = cond_linears  # a Linear of cond alone computes a modulation, not a layer
         self.n_inputs = n_inputs    # 1 (x) or 2 (x, cond)
         self.ndim = ndim            # x.dim() of the call, which positive dims refer to
         self.constants = constants  # tensors torch.fx captured as constants, by attribute name
         self.layers = []            # _Layer, in call order
         self.consumed = set()       # layers whose activation is settled
         self.encoding = []          # (kind, c) of each encoding block
+        self.program = []           # the cond program's steps
 
     def settle(self, out: _LayerOut, node) -> _Blocks:
         """The layer output as input columns; a raw output means the layer has no activation."""
@@ -187,6 +265,11 @@ class _Interpreter:
         if isinstance(value, _Rows):
             raise NotFusable(f"node {node.name!r}: a slice of a layer's features feeds another layer; only the "
                              f"module's output may be sliced")
+        if isinstance(value, _CondValue):
+            raise NotFusable(f"node {node.name!r} ({node.op} {_target_name(node)}): a tensor computed from cond "
+                             f"(an encoding of cond, say) is read as features of a layer; the fused path reads cond "
+                             f"itself, and folds what is computed from cond into the weights where it scales or "
+                             f"shifts a layer's output or is its weight")
         if isinstance(value, _Meta):  # a slice of the input (its shape may be used, to expand cond)
             raise NotFusable(f"node {node.name!r} ({node.op} {_target_name(node)}): reads {value.node!r}, a slice "
                              f"or shape of a tensor, as features; the fused path reads whole inputs (x, cond) and "
@@ -215,6 +298,17 @@ class _Interpreter:
         self.layers.append(_Layer(name, blocks.parts))
         return _LayerOut(index, 1.0, False)
 
+    def linear_from_cond(self, node, args, kwargs):
+        """F.linear(h, W, b) with W and b computed from cond (FFJORD's hypernetwork layers)."""
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        if not isinstance(weight, _CondValue) or not (bias is None or isinstance(bias, _CondValue)):
+            raise NotFusable(f"node {node.name!r}: F.linear with a weight or bias that is neither computed from "
+                             f"cond nor an nn.Linear's")
+        out = self.linear("", self.blocks(args[0], node), node)
+        self.layers[-1].weight_value = (weight.ref, None if bias is None else bias.ref)
+        return out
+
     def activation(self, value, encoded, node):
         if not isinstance(value, _LayerOut) or value.activated:
             raise NotFusable(f"node {node.name!r}: an activation must directly follow a Linear layer")
@@ -229,18 +323,84 @@ class _Interpreter:
         """sin(c x) or cos(c x): a block of the input encoding."""
         parts = value.parts if isinstance(value, _Blocks) else ()
         if len(parts) != 1 or parts[0][0] != "x":
-            what = "cond" if [p[0] for p in parts] == ["cond"] else "something other than the input x times a constant"
-            raise NotFusable(f"node {node.name!r}: {kind} of {what}; the fused path encodes x alone, as sin(c x) "
-                             f"and cos(c x) (a frequency encoding)")
+            raise NotFusable(f"node {node.name!r}: {kind} of something other than the input x times a constant; "
+                             f"the fused path encodes x alone, as sin(c x) and cos(c x) (a frequency encoding)")
         block = (kind, parts[0][2])
         if block not in self.encoding:
             self.encoding.append(block)
         return _Blocks((("enc", self.encoding.index(block), 1.0),))
 
+    # -- values computed from cond alone
+
+    def as_cond_value(self, value) -> Optional[_CondValue]:
+        """value as a cond program value if it is computed from cond alone, else None."""
+        if isinstance(value, _CondValue):
+            return value
+        if isinstance(value, _Blocks) and len(value.parts) == 1 and value.parts[0][0] == "cond":
+            self.program.append(("cond", value.parts[0][2], (), ()))
+            return _CondValue(len(self.program) - 1)
+        return None
+
+    def program_arg(self, a, node):
+        if isinstance(a, (_CondValue, _Blocks)):
+            value = self.as_cond_value(a)
+            if value is None:
+                raise NotFusable(f"node {node.name!r}: mixes x into a computation on cond")
+            return ValueRef(value.ref)
+        if isinstance(a, slice):
+            return SliceArg(a.start, a.stop, a.step)
+        if isinstance(a, (list, tuple)):
+            return tuple(self.program_arg(b, node) for b in a)
+        if isinstance(a, _Const):
+            return a.value
+        if a is None or a is Ellipsis or isinstance(a, (bool, int, float, str, torch.dtype)):
+            return a
+        raise NotFusable(f"node {node.name!r}: a computation on cond reads {type(a).__name__} "
+                         f"({a!r:.60}), which torchjac cannot replay")
+
+    def record(self, kind, target, args, kwargs, node) -> _CondValue:
+        """A step of the cond program: replayed at each call, never evaluated here."""
+        self.program.append((kind, target, self.program_arg(tuple(args), node),
+                             tuple((k, self.program_arg(v, node)) for k, v in kwargs.items())))
+        return _CondValue(len(self.program) - 1)
+
+    def cond_step(self, node, key, args, kwargs) -> Optional[_CondValue]:
+        """The cond program step of a call on values computed from cond alone, or None if it reads x."""
+        values = [a for a in list(args) + list(kwargs.values()) if _has_features(a) or isinstance(a, _CondValue)]
+        if not values or not all(_from_cond_alone(a) for a in values):
+            return None
+        if not any(isinstance(a, _CondValue) for a in values) and (
+                key in _CAT | _EXPAND | _MUL | _DIV | _ONES_LIKE or key in (operator.getitem, "__getitem__")):
+            return None  # cond as features: concatenated, expanded, scaled, as before
+        if node.op == "call_function":
+            name = _COND_FUNCTION_NAMES.get(key)
+            if name is None:
+                raise NotFusable(f"node {node.name!r}: computes {_target_name(node)} of cond, which torchjac "
+                                 f"does not replay (it replays {sorted(COND_FUNCTIONS)})")
+            return self.record("function", name, args, kwargs, node)
+        if key not in COND_METHODS:
+            raise NotFusable(f"node {node.name!r}: calls .{key}() on a tensor computed from cond, which torchjac "
+                             f"does not replay (it replays {sorted(COND_METHODS)})")
+        return self.record("method", key, args, kwargs, node)
+
+    def modulate(self, out: _LayerOut, op: str, value: _CondValue, node) -> _LayerOut:
+        """A layer's raw output times, or plus, a vector computed from cond (FiLM, FFJORD's gates)."""
+        if out.activated or out.index in self.consumed:
+            raise NotFusable(f"node {node.name!r}: modulates a layer's output after its activation or after "
+                             f"another use; the fused path folds cond's scale and shift into the layer itself")
+        layer = self.layers[out.index]
+        if out.scale != 1.0:
+            layer.modulation.append(("mul", out.scale))
+        layer.modulation.append((op, ValueRef(value.ref)))
+        return _LayerOut(out.index, 1.0, False)
+
     def feature_dim(self, dim) -> bool:
         return dim == -1 or (self.ndim is not None and dim == self.ndim - 1)
 
-    def out_features(self, index: int) -> int:
+    def out_features(self, index: int, node) -> int:
+        if self.layers[index].weight_value is not None:
+            raise NotFusable(f"node {node.name!r}: slices the output of a layer whose weights are computed from "
+                             f"cond")
         return self.module.get_submodule(self.layers[index].module).out_features
 
     def rows(self, value, index, node) -> _Rows:
@@ -256,7 +416,7 @@ class _Interpreter:
             self.consumed.add(value.index)
         else:
             self.settle(value, node)
-        rows = range(self.out_features(value.index))[s]
+        rows = range(self.out_features(value.index, node))[s]
         return _Rows(value.index, tuple((r, value.scale) for r in rows), value.activated)
 
     def cat(self, parts, node):
@@ -298,6 +458,10 @@ class _Interpreter:
                 env[node.name] = (_Blocks(((("x", "cond")[placeholders], 0, 1.0),))
                                   if placeholders < self.n_inputs else _Meta(node.name))
                 placeholders += 1
+            elif node.op == "call_module" and (any(isinstance(a, _CondValue) for a in args) or (
+                    self.cond_linears and args and _from_cond_alone(args[0]))):
+                # a module applied to something computed from cond (FFJORD's hyper layers): replayed per call
+                env[node.name] = self.record("module", target, args, kwargs, node)
             elif node.op == "call_module":
                 sub = self.module.get_submodule(target)
                 encoded = act.encode(sub)
@@ -315,10 +479,19 @@ class _Interpreter:
             elif node.op in ("call_function", "call_method"):
                 key = target if node.op == "call_function" else str(target)
                 encoded = _functional_activation(key, args, kwargs)
+                cond_args = any(isinstance(a, _CondValue) for a in list(args) + list(kwargs.values()))
                 if key in _ONES_LIKE:
                     env[node.name] = _Ones(node.name)
-                elif not _has_features(args) and not _has_features(kwargs):
+                elif not cond_args and not _has_features(args) and not _has_features(kwargs):
                     env[node.name] = _Meta(node.name)  # shapes, guards on specialized arguments
+                elif (step := self.cond_step(node, key, args, kwargs)) is not None:
+                    env[node.name] = step
+                elif key in _MUL | _ADD and len(args) == 2 and cond_args and any(
+                        isinstance(a, _LayerOut) for a in args):
+                    out, value = (args[0], args[1]) if isinstance(args[0], _LayerOut) else (args[1], args[0])
+                    env[node.name] = self.modulate(out, "mul" if key in _MUL else "add", value, node)
+                elif key in _LINEAR and cond_args:
+                    env[node.name] = self.linear_from_cond(node, args, kwargs)
                 elif key in _SIN | _COS and isinstance(args[0], _Blocks):
                     env[node.name] = self.encode("sin" if key in _SIN else "cos", args[0], node)
                 elif encoded is not None:
@@ -382,8 +555,9 @@ class _Interpreter:
             return f"enc{i}" if src == "enc" else src
 
         layers = tuple(RecipeLayer(layer.module, tuple((source(src, i), float(k)) for src, i, k in layer.blocks),
-                                   float(layer.z_scale), layer.activation) for layer in self.layers)
-        return Recipe(layers, tuple(self.encoding), rows)
+                                   float(layer.z_scale), layer.activation, tuple(layer.modulation), layer.weight_value)
+                       for layer in self.layers)
+        return Recipe(layers, tuple(self.encoding), rows, tuple(self.program))
 
 
 def _target_name(node) -> str:
@@ -443,7 +617,22 @@ def recognize(module: nn.Module, has_cond: bool, ndim: Optional[int] = None) -> 
     except Exception as e:  # tracing fails on data-dependent control flow and the like
         raise NotFusable(f"torch.fx could not trace {type(module).__name__}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    interpreter = _Interpreter(module, n_args, ndim, constants)
+    try:
+        return _interpret(module, graph, n_args, ndim, constants, cond_linears=False)
+    except NotFusable as first:
+        if not has_cond:
+            raise
+        # A Linear of cond alone is a layer of the MLP (x joining later), or it computes a modulation
+        # (FiLM's gamma(cond)): the second reading is tried where the first does not fit.
+        try:
+            return _interpret(module, graph, n_args, ndim, constants, cond_linears=True)
+        except NotFusable as second:
+            raise NotFusable(f"{first}; with its Linear layers of cond alone read as computing modulations: "
+                             f"{second}") from None
+
+
+def _interpret(module, graph, n_args, ndim, constants, cond_linears) -> Recipe:
+    interpreter = _Interpreter(module, n_args, ndim, constants, cond_linears)
     result = interpreter.run(graph)
     if not interpreter.layers:
         raise NotFusable(f"{type(module).__name__} has no Linear layer")
