@@ -19,6 +19,9 @@ Rows (float32, 2 threads by default; the models come from tests/zoo.py where it 
             dimension) and the Hutchinson estimate (one shared Rademacher draw) against FFJORD's
             e^T (dy/dx) e, then one training step of each, loss = mean(y^2) + mean(div);
   cnf_ffjord the same dynamics with FFJORD's own idiom cat([ones_like(x[:, :1]) * t, x], 1);
+  ffjord    zoo.ODEnet at FFJORD's MINIBOONE size (d = 43, concatsquash 860-860, softplus), forward(t, y) with
+            one t, 1,024 points: the exact and Hutchinson divergences and their training steps against FFJORD's
+            divergence_bf and divergence_approx (torchjac given x_arg="y");
   pointnet  zoo.pointnet_shared_mlp((64, 128, 256)) in eval mode on (4, 3, 1024): the per-point
             Jacobian against vmap(jacfwd), one torch.func.jvp per input dim and the autograd loop;
   pinn      nn.Sequential 3-128x4-1 Tanh, 16,384 points: the exact Laplacian and the Hessian against
@@ -197,7 +200,8 @@ class Row:
     build: Callable       # () -> the model (float32, seeded)
     points: int
     groups: Dict[str, Group]
-    kind: str = "points"  # "points", "cnf" (cond = time, noise) or "channels_first" (B, 3, N)
+    kind: str = "points"  # "points", "cnf" (cond = time per point, noise), "ode" (one time t, noise) or
+    d: int = 3            # "channels_first" (B, 3, N); d: the points' features
 
 
 def sdf_groups():
@@ -296,6 +300,60 @@ def cnf_groups():
     }
 
 
+# ---- FFJORD row: its ODEnet, forward(t, y), with one time t for all points
+
+def ffjord_net():
+    """FFJORD's tabular dynamics at MINIBOONE's size: d = 43, concatsquash layers 860-860, softplus."""
+    return zoo.ODEnet((860, 860), 43, "concatsquash", "softplus")
+
+
+def ffjord_divergence_bf(f, b, create_graph=False):
+    """FFJORD's divergence_bf: one autograd.grad per dimension, on odefunc(t, y)."""
+    x = b.x.detach().requires_grad_()
+    with torch.enable_grad():
+        y = f(b.cond, x)
+        div = sum(torch.autograd.grad(y[:, i].sum(), x, create_graph=create_graph, retain_graph=True)[0][:, i]
+                  for i in range(x.shape[1]))
+    return y, div
+
+
+def ffjord_divergence_approx(f, b, create_graph=False):
+    """FFJORD's divergence_approx: e^T (dy/dx) from one autograd.grad, times e."""
+    x = b.x.detach().requires_grad_()
+    with torch.enable_grad():
+        y = f(b.cond, x)
+        e_dydx = torch.autograd.grad(y, x, b.noise, create_graph=create_graph)[0]
+    return y, (e_dydx * b.noise).sum(-1)
+
+
+def oracle_ode_jacobian(f, b):
+    return vmap(jacrev(lambda p: f(b.cond, p[None])[0]), chunk_size=256)(b.x)
+
+
+def ffjord_groups():
+    def tj_exact(f, b):
+        return torchjac.divergence(f, b.x, cond=b.cond, x_arg="y", return_output=True)
+
+    def tj_hutchinson(f, b):
+        return torchjac.divergence(f, b.x, cond=b.cond, x_arg="y", estimator="hutchinson", noise=b.noise,
+                                   return_output=True)
+
+    return {
+        "divergence": Group({"torchjac": lambda f, b: tj_exact(f, b)[1],
+                             "divergence_bf": lambda f, b: ffjord_divergence_bf(f, b)[1]},
+                            expected=lambda J, b: J.diagonal(0, -2, -1).sum(-1), oracle=oracle_ode_jacobian),
+        "hutchinson": Group({"torchjac": lambda f, b: tj_hutchinson(f, b)[1],
+                             "divergence_approx": lambda f, b: ffjord_divergence_approx(f, b)[1]},
+                            expected=hutchinson, oracle=oracle_ode_jacobian),
+        "step exact": Group({"torchjac": lambda f, b: cnf_loss(*tj_exact(f, b)),
+                             "divergence_bf": lambda f, b: cnf_loss(*ffjord_divergence_bf(f, b, True))},
+                            reference="divergence_bf"),
+        "step hutchinson": Group({"torchjac": lambda f, b: cnf_loss(*tj_hutchinson(f, b)),
+                                  "divergence_approx": lambda f, b: cnf_loss(*ffjord_divergence_approx(f, b, True))},
+                                 reference="divergence_approx"),
+    }
+
+
 # ---- PINN row: the Laplacian and Hessian of a scalar field, and a Poisson residual step
 
 def poisson_mlp(width=128, depth=4):
@@ -385,6 +443,8 @@ ROWS = {
     "cnf": Row("CNF dynamics 3+1-256x3-3 Tanh, t.expand(x.shape[0], 1)", ODEFunc, 16384, cnf_groups(), "cnf"),
     "cnf_ffjord": Row("CNF dynamics 3+1-256x3-3 Tanh, ones_like(x[:, :1]) * t", FFJORDODEFunc, 16384,
                       cnf_groups(), "cnf"),
+    "ffjord": Row("zoo.ODEnet as FFJORD's MINIBOONE: 43-860x2-43 concatsquash, softplus, one t",
+                  ffjord_net, 1024, ffjord_groups(), "ode", d=43),
     "pointnet": Row("zoo.pointnet_shared_mlp((64, 128, 256)), eval, (4, 3, N)", pointnet, 4096,
                     {"jacobian": Group({"torchjac": lambda f, b: torchjac.jacobian(f, b.x),
                                         "vmap_jacfwd": pointnet_vmap_jacfwd,
@@ -406,10 +466,12 @@ def make_batch(row, points, dtype=torch.float32):
     g = torch.Generator().manual_seed(1)
     if row.kind == "channels_first":
         return Batch(torch.randn(4, 3, max(1, points // 4), generator=g).to(dtype))
-    x = torch.randn(points, 3, generator=g).to(dtype)
+    x = torch.randn(points, row.d, generator=g).to(dtype)
     if row.kind == "points":
         return Batch(x)
-    noise = (torch.randint(0, 2, (points, 3), generator=g) * 2 - 1).to(dtype)
+    noise = (torch.randint(0, 2, (points, row.d), generator=g) * 2 - 1).to(dtype)
+    if row.kind == "ode":  # FFJORD's odeint passes one t
+        return Batch(x, torch.tensor([0.5], dtype=dtype), noise)
     return Batch(x, torch.full((points, 1), 0.5, dtype=dtype), noise)
 
 
@@ -426,7 +488,7 @@ def explain(row_name):
     """explain()'s path for the row's model, and whether a torchjac op actually ran."""
     row = ROWS[row_name]
     f, b = build(row), make_batch(row, 8)
-    why = torchjac.explain(f, cond=b.cond is not None)
+    why = torchjac.explain(f, cond=b.cond is not None, x_arg="y" if row.kind == "ode" else None)
     with ops_seen() as seen, torch.no_grad():
         next(iter(row.groups.values())).methods["torchjac"](f, b)
     ran = "fused" if any(op.startswith("torchjac.") for op in seen) else "generic"
