@@ -595,3 +595,24 @@ def test_fused_output_is_the_model_output(name):
     assert seen & {"torchjac.mlp_jacobian", "torchjac.mlp_jacobian_reverse"}
     expected = f(x) if cond is None else f(torch.cat([x, cond], -1))
     torch.testing.assert_close(y, expected, rtol=1e-13, atol=1e-13)
+
+
+class FunctionalLinear(nn.Module):
+    """Layers written with F.linear and the module's own parameters, and h @ W.t() + b."""
+
+    def __init__(self):
+        super().__init__()
+        self.w0, self.b0 = nn.Parameter(torch.randn(8, 3)), nn.Parameter(torch.randn(8))
+        self.w1 = nn.Parameter(torch.randn(2, 8))
+
+    def forward(self, x):
+        return torch.tanh(nn.functional.linear(x, self.w0, self.b0)) @ self.w1.t()
+
+
+def test_functional_linear_with_own_parameters():
+    torch.manual_seed(3)
+    f = FunctionalLinear().double()
+    assert torchjac.explain(f).path == "fused"
+    x = _points(requires_grad=True)
+    _check_values(f, x.detach())
+    _check_training_grads(f, x)

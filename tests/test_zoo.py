@@ -174,13 +174,14 @@ def hyper_cnf_functional_call():
 
 def siren_fcblock():
     m = _perturb(zoo.FCBlock(2, 1, 2, 32).double(), 0.01)
-    return Case(m, m, _points(20, 2), None, siren_loss, ("generic", ""))  # reason in flux (**kwargs)
+    # BatchLinear reads its parameters through a dict: torch.fx bakes the views it takes of them
+    return Case(m, m, _points(20, 2), None, siren_loss, ("fused", "FCBlock traced by torch.fx: 4 Linear layers"))
 
 
 def siren_metasequential():
     m = _perturb(zoo.FCBlock(2, 1, 2, 32).double(), 0.01)
     return Case(m, m.net, _points(20, 2), None, siren_loss,
-                ("generic", "MetaSequential"))  # a subclass with its own forward, not a plain chain
+                ("fused", "MetaSequential traced by torch.fx: 4 Linear layers"))  # its own forward, traced
 
 
 def siren_sequential():
@@ -337,18 +338,17 @@ def test_explain_says_which_path_runs(name):
         assert bool(seen & FUSED_OPS) == (why.path == "fused"), (why, sorted(seen & FUSED_OPS))
 
 
-# Generic today (the issue "Fused on the architectures people publish" moves them): neus, nerf (the
-# embedder's frequency tensor), idr (the fx guard on compute_grad), deepsdf (shape-dependent control flow,
-# F.dropout), every ffjord_* and hyper_cnf (forward(t, y), called through a lambda), siren_* (SIREN's own
-# Sine/SineLayer, **kwargs, MetaSequential), nerfies_* (latent.expand(*shape), SE(3) math).
-# Fused today: igr (fx), siren_sequential (fx, through its SineLayer blocks), pointnet (Conv1d stack),
-# hyper_cnf_functional_call (nn.Sequential).
+# Generic today: nerf (two heads, the view directions' encoding), deepsdf (shape-dependent control flow),
+# ffjord_blend (two Linear layers of one input mixed by t), hyper_cnf (matmul of repeated points), nerfies_*
+# (latent.expand(*shape), SE(3) math). Fused: neus and idr (frequency encoding, output slices), igr, the other
+# ffjord_* (x_arg="y"; t concatenated, gates and hyper weights folded), siren_* (BatchLinear's parameter
+# views, SineLayer blocks), pointnet (Conv1d stack), hyper_cnf_functional_call (nn.Sequential).
 
 
 # ---- compiled training steps: one per model, small, aot_eager (inductor's C++ build is too slow here)
 
-COMPILED = ["neus", "idr", "igr", "deepsdf", "ffjord_concat", "ffjord_concatsquash", "ffjord_hyper", "hyper_cnf_functional_call", "siren_metasequential",
-            "pointnet", "nerfies_se3"]
+COMPILED = ["neus", "idr", "igr", "deepsdf", "ffjord_concat", "ffjord_concatsquash", "ffjord_hyper", "siren_fcblock",
+            "hyper_cnf_functional_call", "siren_metasequential", "pointnet", "nerfies_se3"]
 
 
 @pytest.mark.parametrize("name", COMPILED)

@@ -102,6 +102,12 @@ def weight_norm_attributes(f) -> list:
             if isinstance(hook, WeightNorm)]
 
 
+def _parameter(f: nn.Module, name: str) -> torch.Tensor:
+    """The parameter `name` (qualified) of f as its forward would use it now."""
+    module, _, attr = name.rpartition(".")
+    return current(f.get_submodule(module), attr)
+
+
 def _weight(layer: nn.Module) -> torch.Tensor:
     return current(layer, "weight")
 
@@ -397,7 +403,10 @@ def from_recipe(f: nn.Module, recipe: Recipe, d_in: int, cond_features: int,
     inputs = [("x", d_in)] + [(source, d_in) for source in encoded] + [("cond", cond_features)]
     width_h = 0
     for i, layer in enumerate(recipe.layers):
-        if layer.weight_value is None:
+        if layer.parameters is not None:  # parameters the forward reads itself (F.linear, BatchLinear)
+            w = _parameter(f, layer.parameters[0])
+            b = w.new_zeros(w.shape[0]) if layer.parameters[1] is None else _parameter(f, layer.parameters[1])
+        elif layer.weight_value is None:
             linear = f.get_submodule(layer.module)
             w = _weight(linear)
             b = _bias(linear, w)
@@ -506,16 +515,26 @@ def _direction_note(d_in: Optional[int], d_out: int, encoded: bool = False) -> s
     return f"{where} in {jacobian_direction(d_in, d_out, cpu)} mode (d_in={d_in}, d_out={d_out}){cuda}{second}"
 
 
+def _layer_features(f: nn.Module, layer) -> Optional[Tuple[int, int]]:
+    """(in, out) features of a recipe layer; None for weights computed from cond (known only at the call)."""
+    if layer.parameters is not None:
+        out_features, in_features = _parameter(f, layer.parameters[0]).shape
+        return in_features, out_features
+    if layer.weight_value is not None:
+        return None
+    linear = f.get_submodule(layer.module)
+    return linear.in_features, linear.out_features
+
+
 def _recipe_dims(f: nn.Module, recipe: Recipe, has_cond: bool) -> Tuple[Optional[int], Optional[int]]:
     """(d_in, d_out) of a recognized module; None where they are not known before the call: d_in where cond's
     width is part of the first layer's, either where a layer's weights are computed from cond."""
-    first, last = (f.get_submodule(layer.module) if layer.weight_value is None else None
-                   for layer in (recipe.layers[0], recipe.layers[-1]))
+    first, last = (_layer_features(f, layer) for layer in (recipe.layers[0], recipe.layers[-1]))
     d_out = (len(recipe.output_rows) if recipe.output_rows is not None else
-             last.out_features if last is not None else None)
+             last[1] if last is not None else None)
     if has_cond or first is None or "cond" in [block for block, _ in recipe.layers[0].blocks]:
         return None, d_out
-    return first.in_features // len(recipe.layers[0].blocks), d_out  # each block (x, enc<j>) is d_in wide
+    return first[0] // len(recipe.layers[0].blocks), d_out  # each block (x, enc<j>) is d_in wide
 
 
 def explain(f, has_cond: bool = False, ndim: int = 2) -> Tuple[str, str]:

@@ -39,6 +39,7 @@ class RecipeLayer(NamedTuple):
     # the recipe's cond program is a per-feature vector computed from cond (FiLM, FFJORD's gates).
     modulation: tuple = ()
     weight_value: Optional[Tuple[int, Optional[int]]] = None  # (weight, bias) values of the cond program
+    parameters: Optional[Tuple[str, Optional[str]]] = None     # (weight, bias) parameters read by the forward
 
 
 class Recipe(NamedTuple):
@@ -59,6 +60,7 @@ class _Layer:
     activation: Optional[Tuple[int, float, float]] = None
     modulation: list = dataclasses.field(default_factory=list)
     weight_value: Optional[Tuple[int, Optional[int]]] = None
+    parameters: Optional[list] = None  # [weight name, bias name or None]
 
 
 _IDENTITY = (int(act.Act.IDENTITY), 0.0, 0.0)
@@ -88,6 +90,13 @@ class _Const(NamedTuple):
     value: float
 
 
+class _ParamView(NamedTuple):
+    """A parameter the forward reads itself (F.linear, SIREN's BatchLinear): as it is ("same"), transposed
+    ("t") or as a row (bias.unsqueeze(-2))."""
+    name: str
+    view: str
+
+
 class _CondValue(NamedTuple):
     """A tensor computed from cond (and parameters) alone: value `ref` of the cond program."""
     ref: int
@@ -114,6 +123,7 @@ _EXPAND = {"expand", "expand_as", "broadcast_to", torch.broadcast_to}
 _ONES_LIKE = {torch.ones_like, "new_ones"}
 _ADD = {operator.add, torch.add, "add"}
 _LINEAR = {F.linear, "linear"}
+_MATMUL = {operator.matmul, torch.matmul, torch.mm, "matmul", "mm"}
 
 
 # ---- the cond program: what the forward computes from cond alone, replayed at each call on the call's cond
@@ -298,6 +308,27 @@ class _Interpreter:
         self.layers.append(_Layer(name, blocks.parts))
         return _LayerOut(index, 1.0, False)
 
+    def linear_from_parameters(self, node, blocks, weight: _ParamView, bias: Optional[_ParamView]):
+        """h @ W.t() (+ b) or F.linear(h, W, b) with parameters the forward reads itself."""
+        for p, views in ((weight, ("same",) if bias is not None or node.target in _LINEAR else ("t",)),
+                         (bias, ("same", "row"))):
+            if p is not None and (not isinstance(p, _ParamView) or p.view not in views):
+                raise NotFusable(f"node {node.name!r}: {_target_name(node)} with {p!r}, which is not a Linear "
+                                 f"layer's weight (or bias) as nn.Linear applies it")
+        out = self.linear("", self.blocks(blocks, node), node)
+        self.layers[-1].parameters = [weight.name, None if bias is None else bias.name]
+        return out
+
+    def add_bias(self, out: _LayerOut, bias: _ParamView, node) -> _LayerOut:
+        """matmul(h, W.t()) + b: the bias of a layer built from parameters."""
+        layer = self.layers[out.index]
+        if (out.activated or out.index in self.consumed or layer.parameters is None or layer.parameters[1] is not None
+                or layer.modulation or out.scale != 1.0 or bias.view not in ("same", "row")):
+            raise NotFusable(f"node {node.name!r}: adds the parameter {bias.name!r} to a layer's output other than "
+                             f"as the bias of h @ W.t()")
+        layer.parameters[1] = bias.name
+        return out
+
     def linear_from_cond(self, node, args, kwargs):
         """F.linear(h, W, b) with W and b computed from cond (FFJORD's hypernetwork layers)."""
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
@@ -398,6 +429,8 @@ class _Interpreter:
         return dim == -1 or (self.ndim is not None and dim == self.ndim - 1)
 
     def out_features(self, index: int, node) -> int:
+        if self.layers[index].parameters is not None:
+            return self.module.get_parameter(self.layers[index].parameters[0]).shape[0]
         if self.layers[index].weight_value is not None:
             raise NotFusable(f"node {node.name!r}: slices the output of a layer whose weights are computed from "
                              f"cond")
@@ -430,8 +463,31 @@ class _Interpreter:
             return _Rows(as_rows[0].index, tuple(r for p in as_rows for r in p.rows), as_rows[0].activated)
         return _Blocks(tuple(b for part in parts for b in self.blocks(part, node).parts))
 
+    def parameter_view(self, value) -> Optional[_ParamView]:
+        """value as a view of one of the module's parameters (torch.fx bakes views the forward takes of
+        parameters it reads through a dict, as BatchLinear does), or None."""
+        for name, p in self.module.named_parameters():
+            base = value._base if value._base is not None else value
+            if base is not p or value.data_ptr() != p.data_ptr():
+                continue
+            if value.shape == p.shape and value.stride() == p.stride():
+                return _ParamView(name, "same")
+            if p.dim() == 2 and value.shape == p.shape[::-1] and value.stride() == p.stride()[::-1]:
+                return _ParamView(name, "t")
+            if p.dim() == 1 and value.shape == (1, p.shape[0]):
+                return _ParamView(name, "row")
+        return None
+
     def constant(self, node):
+        try:
+            parameter = self.module.get_parameter(node.target)
+        except AttributeError:
+            parameter = None
+        if parameter is not None:
+            return _ParamView(node.target, "same")
         value = self.constants.get(node.target)
+        if value is not None and (view := self.parameter_view(value)) is not None:
+            return view
         if value is None:
             raise NotFusable(f"node {node.name!r}: the forward reads the tensor {node.target!r} (a parameter or "
                              f"buffer) outside any Linear layer; the fused path reads only Linear layers' "
@@ -480,7 +536,10 @@ class _Interpreter:
                 key = target if node.op == "call_function" else str(target)
                 encoded = _functional_activation(key, args, kwargs)
                 cond_args = any(isinstance(a, _CondValue) for a in list(args) + list(kwargs.values()))
-                if key in _ONES_LIKE:
+                if key in ("t", torch.t) and len(args) == 1 and isinstance(args[0], _ParamView) and args[0].view in (
+                        "same", "t"):  # W.t(), as h @ W.t() takes a Linear's weight
+                    env[node.name] = args[0]._replace(view="t" if args[0].view == "same" else "same")
+                elif key in _ONES_LIKE:
                     env[node.name] = _Ones(node.name)
                 elif not cond_args and not _has_features(args) and not _has_features(kwargs):
                     env[node.name] = _Meta(node.name)  # shapes, guards on specialized arguments
@@ -492,6 +551,15 @@ class _Interpreter:
                     env[node.name] = self.modulate(out, "mul" if key in _MUL else "add", value, node)
                 elif key in _LINEAR and cond_args:
                     env[node.name] = self.linear_from_cond(node, args, kwargs)
+                elif key in _LINEAR:
+                    weight = args[1] if len(args) > 1 else kwargs.get("weight")
+                    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                    env[node.name] = self.linear_from_parameters(node, args[0], weight, bias)
+                elif key in _MATMUL and len(args) == 2 and isinstance(args[1], _ParamView):
+                    env[node.name] = self.linear_from_parameters(node, args[0], args[1], None)
+                elif key in _ADD and len(args) == 2 and isinstance(args[0], _LayerOut) and isinstance(
+                        args[1], _ParamView):
+                    env[node.name] = self.add_bias(args[0], args[1], node)
                 elif key in _SIN | _COS and isinstance(args[0], _Blocks):
                     env[node.name] = self.encode("sin" if key in _SIN else "cos", args[0], node)
                 elif encoded is not None:
@@ -511,6 +579,11 @@ class _Interpreter:
                         factor, value = (1.0 / _scalar(b) if key in _DIV else _scalar(b)), a
                     elif _scalar(a) is not None and key in _MUL:
                         factor, value = _scalar(a), b
+                    elif any(isinstance(v, _ParamView) for v in args):
+                        name = next(v.name for v in args if isinstance(v, _ParamView))
+                        raise NotFusable(f"node {node.name!r}: {_target_name(node)} by the parameter {name!r}; the "
+                                         f"fused path folds constant scales only (a trainable scale or frequency "
+                                         f"runs on the generic path)")
                     else:
                         raise NotFusable(f"node {node.name!r}: {_target_name(node)} of two tensors; only scaling "
                                          f"by a constant is fused")
@@ -555,7 +628,8 @@ class _Interpreter:
             return f"enc{i}" if src == "enc" else src
 
         layers = tuple(RecipeLayer(layer.module, tuple((source(src, i), float(k)) for src, i, k in layer.blocks),
-                                   float(layer.z_scale), layer.activation, tuple(layer.modulation), layer.weight_value)
+                                   float(layer.z_scale), layer.activation, tuple(layer.modulation), layer.weight_value,
+                                   None if layer.parameters is None else tuple(layer.parameters))
                        for layer in self.layers)
         return Recipe(layers, tuple(self.encoding), rows, tuple(self.program))
 
