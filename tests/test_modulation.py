@@ -140,3 +140,26 @@ def test_what_is_not_folded_is_named(cls, reason):
     assert why.path == "generic" and reason in why.detail, why
     x, c = torch.randn(5, 3, dtype=F64), torch.randn(1, 2, dtype=F64)
     assert_close64(torchjac.jacobian(model, x, cond=c), oracle_jacobian(model, x, c)[1])
+
+
+def test_a_0_dim_time_as_torchdiffeq_passes_it():
+    """odeint calls func(t, y) with a 0-dim t: it is one cond for all points."""
+    import zoo
+    torch.manual_seed(4)
+    net = zoo.ODEnet((16, 16), 3, "concatsquash", "softplus").double()
+    t = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    y = torch.randn(9, 3, dtype=F64, requires_grad=True)
+    jac = torch.func.vmap(torch.func.jacrev(lambda p: net(t, p[None])[0]))(y)
+    with ops_seen() as seen:
+        div = torchjac.divergence(net, y, cond=t, x_arg="y")
+    assert "torchjac.mlp_divergence" in seen
+    assert_close64(div, jac.diagonal(0, -2, -1).sum(-1))
+    leaves = [t, *net.parameters()]  # the last layer's shifts do not reach the divergence
+    expected = torch.autograd.grad(jac.diagonal(0, -2, -1).sum(), leaves, allow_unused=True, materialize_grads=True)
+    got = torch.autograd.grad(div.sum(), leaves, allow_unused=True, materialize_grads=True)
+    assert expected[0].abs() > 0
+    for g, e in zip(got, expected):
+        assert_close64(g, e)
+    # a function of (y, t) on the generic path receives t as it was passed
+    f = lambda y, t: torch.sin(y) * t  # noqa: E731
+    assert_close64(torchjac.divergence(f, y, cond=t), (torch.cos(y) * t).sum(-1))

@@ -71,12 +71,12 @@ def _through_encoding(fused: _Fused, encoding: FrequencyEncoding, mode: str, *ex
     return y, out.reshape((*lead, *out.shape[1:]))
 
 
-def _check_tensor(fn: str, name: str, t, like: Optional[torch.Tensor] = None):
+def _check_tensor(fn: str, name: str, t, like: Optional[torch.Tensor] = None, scalar_ok: bool = False):
     if not torch.is_tensor(t):
         raise TypeError(f"torchjac.{fn}: {name} expected a tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"torchjac.{fn}: {name} expected a floating-point tensor, got dtype {t.dtype}")
-    if t.dim() < 1:
+    if t.dim() < 1 and not scalar_ok:
         raise ValueError(f"torchjac.{fn}: {name} expected shape (..., features), got a 0-dim tensor")
     if like is not None and (t.dtype != like.dtype or t.device != like.device):
         raise ValueError(f"torchjac.{fn}: {name} expected dtype {like.dtype} on {like.device} like x, "
@@ -197,8 +197,11 @@ def _route(fn: str, f, x, cond, event_dims, chunk_size=None, extra=()):
     ``extra`` are the other tensors the op would read (jvp tangents, noise).
     """
     _check_tensor(fn, "x", x)
+    user_cond = cond  # as f receives it (its cond program, if any, runs on it)
     if cond is not None:
-        _check_tensor(fn, "cond", cond, like=x)
+        _check_tensor(fn, "cond", cond, like=x, scalar_ok=True)
+        if cond.dim() == 0:  # one number for all points, as torchdiffeq passes t
+            cond = cond.reshape(1)
     _check_event_dims(fn, event_dims, x)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"torchjac.{fn}: chunk_size expected a positive int or None, got {chunk_size!r}")
@@ -235,7 +238,6 @@ def _route(fn: str, f, x, cond, event_dims, chunk_size=None, extra=()):
                                  f"got shape {tuple(cond.shape)}")
             cond = cond.movedim(-2, -1)
             c = cond.shape[-1]
-    user_cond = cond
     x, cond = _broadcast_points(fn, x, cond)
     try:
         spec = spec_lib.lower(f, x, c, user_cond)
@@ -303,7 +305,7 @@ def _generic_model(f, cond):
     if cond is None:
         return f
     if isinstance(f, nn.Sequential):
-        return lambda x: f(broadcast_cat(x, cond))
+        return lambda x: f(broadcast_cat(x, cond.reshape(1) if cond.dim() == 0 else cond))
     return lambda x: f(x, cond)
 
 
