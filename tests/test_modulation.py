@@ -163,3 +163,42 @@ def test_a_0_dim_time_as_torchdiffeq_passes_it():
     # a function of (y, t) on the generic path receives t as it was passed
     f = lambda y, t: torch.sin(y) * t  # noqa: E731
     assert_close64(torchjac.divergence(f, y, cond=t), (torch.cos(y) * t).sum(-1))
+
+
+class Mixed(nn.Module):
+    """Two Linear layers of one input, mixed by constants and by cond, then the next layer."""
+
+    def __init__(self, heads=False):
+        super().__init__()
+        self.heads = heads
+        self.a, self.b, self.out = nn.Linear(3, 8), nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def forward(self, x, t):
+        ya, yb = self.a(x), self.b(x)
+        if self.heads:  # two heads of one input, not mixed: NeRF's alpha and feature layers
+            return torch.cat([ya, yb], -1)
+        return self.out(torch.tanh(0.5 * ya + (yb - ya) * t))
+
+
+def test_linear_layers_of_one_input_mixed_by_cond():
+    torch.manual_seed(5)
+    model = Mixed().double()
+    x, t = torch.randn(6, 3, dtype=F64, requires_grad=True), torch.tensor([0.7], dtype=F64, requires_grad=True)
+    why = torchjac.explain(model, cond=True)
+    assert why.path == "fused" and "layers [0] mixing Linear layers of one input" in why.detail, why
+    y_ref, jac_ref = oracle_jacobian(model, x, t)
+    y, jac = torchjac.jacobian(model, x, cond=t, return_output=True)
+    assert_close64(y, y_ref)
+    assert_close64(jac, jac_ref)
+    leaves = [x, t, *model.parameters()]
+    expected = torch.autograd.grad((autograd_jacobian(model, x, t)[1] ** 2).sum() + y_ref.sum(), leaves)
+    for g, e in zip(torch.autograd.grad((jac ** 2).sum() + y.sum(), leaves), expected):
+        assert_close64(g, e)
+
+
+def test_two_heads_of_one_input_are_not_mixed():
+    model = Mixed(heads=True).double()
+    why = torchjac.explain(model, cond=True)
+    assert why.path == "generic" and "shares its input with ['b']" in why.detail, why
+    x, t = torch.randn(6, 3, dtype=F64), torch.tensor([0.7], dtype=F64)
+    assert_close64(torchjac.jacobian(model, x, cond=t), oracle_jacobian(model, x, t)[1])

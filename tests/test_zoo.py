@@ -121,14 +121,14 @@ def deepsdf():
                 explain_of=decoder)
 
 
-# FFJORD's layers: t concatenated, t's gate and shift folded into the layer, weights computed from t; blend
-# (two Linear layers of the same input, mixed by t) is not recognized.
+# FFJORD's layers: t concatenated, t's gate and shift folded into the layer, weights computed from t, two
+# Linear layers of one input mixed by t (blend).
 FFJORD_EXPLAIN = {"concat": ("fused", "ODEnet, called as f(cond, x), traced by torch.fx: 3 Linear layers, skips"),
                   "ignore": ("fused", "ODEnet, called as f(cond, x), traced by torch.fx: 3 Linear layers"),
                   "squash": ("fused", "3 Linear layers, layers [0, 1, 2] modulated by cond"),
                   "concatsquash": ("fused", "3 Linear layers, layers [0, 1, 2] modulated by cond"),
                   "hyper": ("fused", "3 Linear layers, the weights of layers [0, 1, 2] computed from cond"),
-                  "blend": ("generic", "does not read the previous layer")}
+                  "blend": ("fused", "3 Linear layers, layers [0, 1, 2] mixing Linear layers of one input")}
 
 
 def ffjord(layer_type, nonlinearity):
@@ -339,16 +339,15 @@ def test_explain_says_which_path_runs(name):
 
 
 # Generic today: nerf (two heads, the view directions' encoding), deepsdf (shape-dependent control flow),
-# ffjord_blend (two Linear layers of one input mixed by t), hyper_cnf (matmul of repeated points), nerfies_*
-# (latent.expand(*shape), SE(3) math). Fused: neus and idr (frequency encoding, output slices), igr, the other
-# ffjord_* (x_arg="y"; t concatenated, gates and hyper weights folded), siren_* (BatchLinear's parameter
+# hyper_cnf (matmul of repeated points), nerfies_* (latent.expand(*shape), SE(3) math). Fused: neus and idr (frequency encoding, output slices), igr, every
+# ffjord_* (x_arg="y"; t concatenated, gates, hyper weights and blends folded), siren_* (BatchLinear's parameter
 # views, SineLayer blocks), pointnet (Conv1d stack), hyper_cnf_functional_call (nn.Sequential).
 
 
 # ---- compiled training steps: one per model, small, aot_eager (inductor's C++ build is too slow here)
 
-COMPILED = ["neus", "idr", "igr", "deepsdf", "ffjord_concat", "ffjord_concatsquash", "ffjord_hyper", "siren_fcblock",
-            "hyper_cnf_functional_call", "siren_metasequential", "pointnet", "nerfies_se3"]
+COMPILED = ["neus", "idr", "igr", "deepsdf", "ffjord_concat", "ffjord_concatsquash", "ffjord_hyper", "ffjord_blend",
+            "siren_fcblock", "hyper_cnf_functional_call", "siren_metasequential", "pointnet", "nerfies_se3"]
 
 
 @pytest.mark.parametrize("name", COMPILED)

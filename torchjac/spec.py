@@ -406,6 +406,19 @@ def from_recipe(f: nn.Module, recipe: Recipe, d_in: int, cond_features: int,
         if layer.parameters is not None:  # parameters the forward reads itself (F.linear, BatchLinear)
             w = _parameter(f, layer.parameters[0])
             b = w.new_zeros(w.shape[0]) if layer.parameters[1] is None else _parameter(f, layer.parameters[1])
+        elif layer.terms:  # Linear layers of one input, mixed: sum_k c_k (W_k h + b_k)
+            w = b = 0.0
+            for name, c in zip((layer.module, *layer.terms), layer.term_coefs):
+                c = values[c.index] if isinstance(c, ValueRef) else c
+                if torch.is_tensor(c):
+                    if c.numel() != 1:
+                        raise NotFusable(f"layer {i}: Linear layers of one input are mixed by a tensor of shape "
+                                         f"{tuple(c.shape)} computed from cond; the fused path mixes them by one "
+                                         f"number")
+                    c = c.reshape(())
+                linear = f.get_submodule(name)
+                w_k = _weight(linear)
+                w, b = w + c * w_k, b + c * _bias(linear, w_k)
         elif layer.weight_value is None:
             linear = f.get_submodule(layer.module)
             w = _weight(linear)
@@ -493,6 +506,9 @@ def _recipe_detail(f: nn.Module, recipe: Recipe) -> str:
         rows += f", layers {modulated} modulated by cond"
     if from_cond:
         rows += f", the weights of layers {from_cond} computed from cond"
+    mixed = [i for i, layer in enumerate(recipe.layers) if layer.terms]
+    if mixed:
+        rows += f", layers {mixed} mixing Linear layers of one input"
     if recipe.cond_program:
         rows += " (fused for one cond shared by all points)"
     name = getattr(f, "model_name", type(f).__name__)

@@ -40,6 +40,10 @@ class RecipeLayer(NamedTuple):
     modulation: tuple = ()
     weight_value: Optional[Tuple[int, Optional[int]]] = None  # (weight, bias) values of the cond program
     parameters: Optional[Tuple[str, Optional[str]]] = None     # (weight, bias) parameters read by the forward
+    # More Linear layers of the same input, mixed with the first: W h + b = sum_k c_k (W_k h + b_k) over
+    # (module, *terms), c_k = term_coefs[k], a float or a cond program value (FFJORD's blend layer).
+    terms: Tuple[str, ...] = ()
+    term_coefs: Optional[tuple] = None
 
 
 class Recipe(NamedTuple):
@@ -61,6 +65,8 @@ class _Layer:
     modulation: list = dataclasses.field(default_factory=list)
     weight_value: Optional[Tuple[int, Optional[int]]] = None
     parameters: Optional[list] = None  # [weight name, bias name or None]
+    terms: list = dataclasses.field(default_factory=list)  # sibling Linear layers of the same input
+    term_coefs: Optional[tuple] = None
 
 
 _IDENTITY = (int(act.Act.IDENTITY), 0.0, 0.0)
@@ -70,6 +76,14 @@ class _LayerOut(NamedTuple):
     index: int
     scale: float     # the value is scale * (activated or raw) output of layer `index`
     activated: bool
+    combined: bool = False  # the mix of a layer with sibling Linear layers (_Combo), settled
+
+
+class _Combo(NamedTuple):
+    """Linear layers of one input mixed before any activation (FFJORD's blend: y0 + (y1 - y0) * t): coefs[k],
+    a float or a cond program value (ValueRef), multiplies term k of layer `index`."""
+    index: int
+    coefs: tuple
 
 
 class _Blocks(NamedTuple):
@@ -122,6 +136,7 @@ _CAT = {torch.cat, torch.concat, "cat", "concat"}
 _EXPAND = {"expand", "expand_as", "broadcast_to", torch.broadcast_to}
 _ONES_LIKE = {torch.ones_like, "new_ones"}
 _ADD = {operator.add, torch.add, "add"}
+_SUB = {operator.sub, torch.sub, "sub"}
 _LINEAR = {F.linear, "linear"}
 _MATMUL = {operator.matmul, torch.matmul, torch.mm, "matmul", "mm"}
 
@@ -218,7 +233,7 @@ def _scalar(value) -> Optional[float]:
 
 def _has_features(value) -> bool:
     """Whether value is, or holds, a feature tensor (anything but shapes, constants and guards)."""
-    if isinstance(value, (_Blocks, _LayerOut, _Rows)):
+    if isinstance(value, (_Blocks, _LayerOut, _Rows, _Combo)):
         return True
     if isinstance(value, (list, tuple)) and not isinstance(value, (_Meta, _Const)):
         return any(_has_features(v) for v in value)
@@ -258,6 +273,7 @@ class _Interpreter:
 
     def settle(self, out: _LayerOut, node) -> _Blocks:
         """The layer output as input columns; a raw output means the layer has no activation."""
+        self.check_alone(out, node)
         layer = self.layers[out.index]
         if not out.activated:
             if out.index in self.consumed and layer.activation not in (None, _IDENTITY):
@@ -268,6 +284,8 @@ class _Interpreter:
         return _Blocks((("h", out.index, out.scale),))
 
     def blocks(self, value, node) -> _Blocks:
+        if isinstance(value, _Combo):
+            value = self.finish(value, node)
         if isinstance(value, _LayerOut):
             return self.settle(value, node)
         if isinstance(value, _Blocks):
@@ -288,6 +306,8 @@ class _Interpreter:
                          f"input, got {type(value).__name__}")
 
     def scale(self, value, factor, node):
+        if isinstance(value, _Combo):
+            return value._replace(coefs=tuple(self.coef("mul", c, factor, node) for c in value.coefs))
         if isinstance(value, _LayerOut):
             return value._replace(scale=value.scale * factor)
         if isinstance(value, _Rows):
@@ -296,6 +316,13 @@ class _Interpreter:
 
     def linear(self, name, blocks: _Blocks, node):
         index = len(self.layers)
+        previous = self.layers[-1] if self.layers else None
+        if (name and previous is not None and blocks.parts == previous.blocks and index - 1 not in self.consumed
+                and previous.activation is None and not previous.modulation and previous.parameters is None
+                and previous.weight_value is None and previous.term_coefs is None):
+            # A second Linear of the previous one's input: a term of that layer, to be mixed with it.
+            previous.terms.append(name)
+            return _Combo(index - 1, (0.0,) * len(previous.terms) + (1.0,))
         for src, i, _ in blocks.parts:
             if src == "h" and i != index - 1:
                 raise NotFusable(f"node {node.name!r}: Linear {name!r} reads the output of layer {i}, not of the "
@@ -340,7 +367,69 @@ class _Interpreter:
         self.layers[-1].weight_value = (weight.ref, None if bias is None else bias.ref)
         return out
 
+    # -- Linear layers of one input, mixed (FFJORD's blend)
+
+    def check_alone(self, out: _LayerOut, node):
+        if not out.activated and self.layers[out.index].terms and not out.combined:
+            raise NotFusable(f"node {node.name!r}: Linear {self.layers[out.index].module!r} shares its input with "
+                             f"{self.layers[out.index].terms}, and its output is used on its own; the fused path "
+                             f"folds Linear layers of one input only where they are mixed linearly before any "
+                             f"activation")
+
+    def as_combo(self, value, index: int) -> Optional[_Combo]:
+        n_terms = 1 + len(self.layers[index].terms)
+        if isinstance(value, _Combo) and value.index == index:
+            return value._replace(coefs=value.coefs + (0.0,) * (n_terms - len(value.coefs)))
+        if isinstance(value, _LayerOut) and value.index == index and not value.activated and not value.combined:
+            return _Combo(index, (value.scale,) + (0.0,) * (n_terms - 1))
+        return None
+
+    def coef(self, op: str, a, b, node):
+        """a op b for mixing coefficients: Python floats, or steps of the cond program."""
+        if isinstance(a, float) and isinstance(b, float):
+            return a + b if op == "add" else a - b if op == "sub" else a * b
+        if op == "mul" and (a == 0.0 or b == 0.0):
+            return 0.0
+        if op in ("add", "sub") and b == 0.0:
+            return a
+        if op == "add" and a == 0.0:
+            return b
+        self.program.append(("function", op, (a, b), ()))
+        return ValueRef(len(self.program) - 1)
+
+    def combine(self, key, args, node) -> _Combo:
+        index = next(a.index for a in args if isinstance(a, _Combo))
+        a, b = (self.as_combo(v, index) for v in args)
+        if key in _ADD | _SUB:
+            if a is None or b is None:
+                raise NotFusable(f"node {node.name!r}: {_target_name(node)} of Linear layers of one input and "
+                                 f"something else; the fused path mixes such layers only with each other")
+            op = "add" if key in _ADD else "sub"
+            return _Combo(index, tuple(self.coef(op, p, q, node) for p, q in zip(a.coefs, b.coefs)))
+        combo, other = (a, args[1]) if a is not None else (b, args[0])
+        factor = _scalar(other)
+        if factor is None:
+            value = self.as_cond_value(other)
+            if value is None:
+                raise NotFusable(f"node {node.name!r}: mixes Linear layers of one input by something that is "
+                                 f"neither a constant nor computed from cond")
+            factor = ValueRef(value.ref)
+        return _Combo(index, tuple(self.coef("mul", c, factor, node) for c in combo.coefs))
+
+    def finish(self, combo: _Combo, node) -> _LayerOut:
+        """The mix settled: the layer's terms get their coefficients."""
+        layer = self.layers[combo.index]
+        if layer.term_coefs is not None:
+            where = f"node {node.name!r}" if node is not None else "output"
+            raise NotFusable(f"{where}: Linear layers of one input are mixed in two ways")
+        layer.term_coefs = self.as_combo(combo, combo.index).coefs
+        return _LayerOut(combo.index, 1.0, False, True)
+
     def activation(self, value, encoded, node):
+        if isinstance(value, _Combo):
+            value = self.finish(value, node)
+        if isinstance(value, _LayerOut) and not value.activated:
+            self.check_alone(value, node)
         if not isinstance(value, _LayerOut) or value.activated:
             raise NotFusable(f"node {node.name!r}: an activation must directly follow a Linear layer")
         layer = self.layers[value.index]
@@ -373,6 +462,8 @@ class _Interpreter:
         return None
 
     def program_arg(self, a, node):
+        if isinstance(a, (ValueRef, SliceArg)):
+            return a
         if isinstance(a, (_CondValue, _Blocks)):
             value = self.as_cond_value(a)
             if value is None:
@@ -416,6 +507,9 @@ class _Interpreter:
 
     def modulate(self, out: _LayerOut, op: str, value: _CondValue, node) -> _LayerOut:
         """A layer's raw output times, or plus, a vector computed from cond (FiLM, FFJORD's gates)."""
+        if isinstance(out, _Combo):
+            out = self.finish(out, node)
+        self.check_alone(out, node)
         if out.activated or out.index in self.consumed:
             raise NotFusable(f"node {node.name!r}: modulates a layer's output after its activation or after "
                              f"another use; the fused path folds cond's scale and shift into the layer itself")
@@ -423,7 +517,7 @@ class _Interpreter:
         if out.scale != 1.0:
             layer.modulation.append(("mul", out.scale))
         layer.modulation.append((op, ValueRef(value.ref)))
-        return _LayerOut(out.index, 1.0, False)
+        return _LayerOut(out.index, 1.0, False, out.combined)
 
     def feature_dim(self, dim) -> bool:
         return dim == -1 or (self.ndim is not None and dim == self.ndim - 1)
@@ -545,6 +639,8 @@ class _Interpreter:
                     env[node.name] = _Meta(node.name)  # shapes, guards on specialized arguments
                 elif (step := self.cond_step(node, key, args, kwargs)) is not None:
                     env[node.name] = step
+                elif key in _ADD | _SUB | _MUL and len(args) == 2 and any(isinstance(a, _Combo) for a in args):
+                    env[node.name] = self.combine(key, args, node)
                 elif key in _MUL | _ADD and len(args) == 2 and cond_args and any(
                         isinstance(a, _LayerOut) for a in args):
                     out, value = (args[0], args[1]) if isinstance(args[0], _LayerOut) else (args[1], args[0])
@@ -606,6 +702,8 @@ class _Interpreter:
         return result
 
     def recipe(self, result, node_name="output"):
+        if isinstance(result, _Combo):
+            result = self.finish(result, None)
         rows = None
         if isinstance(result, _Rows) and result.index == len(self.layers) - 1:
             rows, result = result.rows, _LayerOut(result.index, 1.0, result.activated)
@@ -623,13 +721,18 @@ class _Interpreter:
             raise NotFusable(f"{node_name}: slices of the output are scaled after a nonlinear activation")
         if any(layer.activation is None for layer in self.layers):
             raise NotFusable("a Linear layer's output is not used by the next layer")
+        for layer in self.layers:
+            if layer.terms and layer.term_coefs is None:
+                raise NotFusable(f"Linear {layer.module!r} shares its input with {layer.terms}, which are not mixed "
+                                 f"with it linearly; the fused path reads one Linear layer (or such a mix) per layer")
 
         def source(src, i):
             return f"enc{i}" if src == "enc" else src
 
         layers = tuple(RecipeLayer(layer.module, tuple((source(src, i), float(k)) for src, i, k in layer.blocks),
                                    float(layer.z_scale), layer.activation, tuple(layer.modulation), layer.weight_value,
-                                   None if layer.parameters is None else tuple(layer.parameters))
+                                   None if layer.parameters is None else tuple(layer.parameters), tuple(layer.terms),
+                                   layer.term_coefs)
                        for layer in self.layers)
         return Recipe(layers, tuple(self.encoding), rows, tuple(self.program))
 
@@ -701,6 +804,8 @@ def recognize(module: nn.Module, has_cond: bool, ndim: Optional[int] = None) -> 
         try:
             return _interpret(module, graph, n_args, ndim, constants, cond_linears=True)
         except NotFusable as second:
+            if str(second) == str(first):
+                raise first from None
             raise NotFusable(f"{first}; with its Linear layers of cond alone read as computing modulations: "
                              f"{second}") from None
 
