@@ -200,8 +200,9 @@ class Row:
     build: Callable       # () -> the model (float32, seeded)
     points: int
     groups: Dict[str, Group]
-    kind: str = "points"  # "points", "cnf" (cond = time per point, noise), "ode" (one time t, noise) or
-    d: int = 3            # "channels_first" (B, 3, N); d: the points' features
+    # "points", "cnf" (cond = time per point, noise), "ode" (one time t, noise) or "channels_first" (B, 3, N)
+    kind: str = "points"
+    d: int = 3  # the points' features
 
 
 def sdf_groups():

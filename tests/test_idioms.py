@@ -616,3 +616,51 @@ def test_functional_linear_with_own_parameters():
     x = _points(requires_grad=True)
     _check_values(f, x.detach())
     _check_training_grads(f, x)
+
+
+class FloorDivided(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l0 = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.l0(torch.div(x, 0.3, rounding_mode="floor"))
+
+
+class SharedBiasEntry(nn.Module):
+    """A (1, n) view of one bias entry, expanded: not the bias itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.W, self.b = nn.Parameter(torch.randn(8, 3)), nn.Parameter(torch.randn(8))
+        self.l1 = nn.Linear(8, 2)
+
+    def forward(self, x, params=None):
+        from collections import OrderedDict
+        params = OrderedDict(self.named_parameters()) if params is None else params
+        return self.l1(torch.tanh(x.matmul(params["W"].t()) + params["b"][:1].expand(1, 8)))
+
+
+class OddShapes(nn.Module):
+    """A bias of shape (1,) and a 1-dim weight: not nn.Linear's shapes."""
+
+    def __init__(self, one_dim_weight):
+        super().__init__()
+        self.one_dim_weight = one_dim_weight
+        self.W, self.b1 = nn.Parameter(torch.randn(8, 3)), nn.Parameter(torch.randn(1))
+        self.w = nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        h = torch.tanh(x @ self.W.t() + (0.0 if self.one_dim_weight else self.b1))
+        return nn.functional.linear(h, self.w)[..., None] if self.one_dim_weight else h
+
+
+@pytest.mark.parametrize("make", [FloorDivided, SharedBiasEntry, lambda: OddShapes(False), lambda: OddShapes(True)],
+                         ids=["floor_div", "shared_bias_entry", "bias_of_one", "one_dim_weight"])
+def test_forms_that_are_not_linear_layers_take_the_generic_path(make):
+    """Found in review: the first two folded silently wrong, the others raised."""
+    torch.manual_seed(7)
+    f = make().double()
+    assert torchjac.explain(f).path == "generic"
+    x = _points()
+    _check_values(f, x)

@@ -202,3 +202,64 @@ def test_two_heads_of_one_input_are_not_mixed():
     assert why.path == "generic" and "shares its input with ['b']" in why.detail, why
     x, t = torch.randn(6, 3, dtype=F64), torch.tensor([0.7], dtype=F64)
     assert_close64(torchjac.jacobian(model, x, cond=t), oracle_jacobian(model, x, t)[1])
+
+
+# ---- found in review: forms that must not fold (they did, silently) or must fall back (they raised)
+
+class AddWithAlpha(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l0, self.b, self.l1 = nn.Linear(3, 8), nn.Linear(2, 8), nn.Linear(8, 2)
+
+    def forward(self, x, c):
+        return self.l1(torch.tanh(torch.add(self.l0(x), self.b(c), alpha=3.0)))
+
+
+class ExpandByShape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l0, self.g, self.l1 = nn.Linear(3, 8), nn.Linear(2, 8), nn.Linear(8, 2)
+
+    def forward(self, x, c):
+        return self.l1(torch.tanh(self.l0(x) * self.g(c).expand(x.shape[0], -1)))
+
+
+class OnesTimesGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l0, self.g, self.l1 = nn.Linear(3, 8), nn.Linear(2, 8), nn.Linear(8, 2)
+
+    def forward(self, x, c):
+        h = self.l0(x)
+        return self.l1(torch.tanh(h * (torch.ones_like(h) * torch.sigmoid(self.g(c)))))
+
+
+class CondTimesParameter(nn.Module):
+    """A gate computed from cond with a parameter of the module itself: cond @ W."""
+
+    def __init__(self):
+        super().__init__()
+        self.l0, self.l1 = nn.Linear(3, 8), nn.Linear(8, 2)
+        self.W = nn.Parameter(torch.randn(2, 8))
+
+    def forward(self, x, c):
+        return self.l1(torch.tanh(self.l0(x) * torch.sigmoid(c @ self.W)))
+
+
+@pytest.mark.parametrize("cls, path", [(AddWithAlpha, "generic"), (ExpandByShape, "generic"),
+                                       (OnesTimesGate, "generic"), (CondTimesParameter, "fused")])
+def test_review_cases_are_exact(cls, path):
+    torch.manual_seed(6)
+    model = cls().double()
+    x, c = torch.randn(5, 3, dtype=F64, requires_grad=True), torch.randn(1, 2, dtype=F64)
+    assert torchjac.explain(model, cond=True).path == path
+    y_ref, jac_ref = oracle_jacobian(model, x, c)
+    assert_close64(torchjac.jacobian(model, x, cond=c), jac_ref)
+    if path == "fused":
+        leaves = [x, *model.parameters()]
+        expected = torch.autograd.grad((autograd_jacobian(model, x, c)[1] ** 2).sum(), leaves, allow_unused=True,
+                                       materialize_grads=True)
+        got = torch.autograd.grad((torchjac.jacobian(model, x, cond=c) ** 2).sum(), leaves, allow_unused=True,
+                                  materialize_grads=True)
+        for g, e in zip(got, expected):
+            assert_close64(g, e)

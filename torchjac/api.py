@@ -5,8 +5,6 @@ description (torchjac/spec.py) and calls a torchjac op. The generic path
 (torchjac/generic.py) serves every other point-wise callable.
 """
 import inspect
-import math
-import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -16,7 +14,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 
 from . import generic, reference
 from . import spec as spec_lib
-from .encoding import FrequencyEncoding
+from . import encoding as encoding_lib
 from .mlp import PointMLP, broadcast_cat
 from .trace import NotFusable
 
@@ -32,7 +30,7 @@ class _Fused(NamedTuple):
     def call(self, mode: str, *extra):
         """(y, out) of mode: the op mlp_<mode>, or with an input encoding the op composed with it."""
         if self.spec.encoding is not None:
-            return _through_encoding(self, self.spec.encoding, mode, *extra)
+            return encoding_lib.compose(self.spec.encoding, self.op, mode, self.x, *extra)
         return self.op(mode, self.x, *extra)
 
     def op(self, mode: str, x: torch.Tensor, *extra):
@@ -47,28 +45,6 @@ class _Fused(NamedTuple):
     def output(self, y: torch.Tensor) -> torch.Tensor:
         """y in the model's own layout."""
         return y.movedim(-1, -2) if self.spec.layout == spec_lib.CHANNELS_FIRST else y
-
-
-def _through_encoding(fused: _Fused, encoding: FrequencyEncoding, mode: str, *extra):
-    """(y, out) of a first-order mode of an MLP that reads the encoding e(x): the ops run on e, the reverse mode's
-    J is pulled back through de/dx, the forward modes push their tangents through it and reduce J v as the op
-    of the mode would (reference.reduce_tangents)."""
-    x = fused.x
-    e = encoding.value(x)
-    if mode == "jacobian_reverse":
-        y, jac_e = fused.op(mode, e)
-        return y, encoding.pull(x, jac_e)
-    if mode in reference.SECOND_ORDER_MODES:
-        raise AssertionError(f"{mode} of an encoded model is routed to the generic path")
-    d = x.shape[-1]
-    v = (torch.eye(d, dtype=x.dtype, device=x.device).expand(*x.shape[:-1], d, d)
-         if mode in reference.BASIS_MODES else extra[0])
-    y, jv = fused.op("jvp", e, encoding.push(x, v))  # (..., k, d_out)
-    lead = x.shape[:-1]
-    n_points = math.prod(lead)  # spelled out: -1 cannot give it for k = 0 tangents
-    t = jv.reshape(n_points, *jv.shape[-2:]).transpose(0, 1)
-    out = reference.reduce_tangents(mode, t, v.reshape(n_points, *v.shape[-2:]))
-    return y, out.reshape((*lead, *out.shape[1:]))
 
 
 def _check_tensor(fn: str, name: str, t, like: Optional[torch.Tensor] = None, scalar_ok: bool = False):
@@ -130,7 +106,9 @@ def _check_call(fn: str, f, has_cond: bool):
 class XSecond(nn.Module):
     """f(cond, x) as a module of (x, cond): torchdiffeq's and FFJORD's forward(t, y), given x_arg.
 
-    torch.fx traces through it into f's own forward, so f runs fused wherever f(x, cond) would.
+    torch.fx traces through it into f's own forward, so f runs fused wherever f(x, cond) would. One is made per
+    model and kept in the model's ``__dict__`` (not as a submodule: state_dict and modules() are unchanged), so
+    torch.compile sees the same module at every call; the cycle between them is freed with the model.
     """
 
     def __init__(self, f):
@@ -140,9 +118,6 @@ class XSecond(nn.Module):
 
     def forward(self, x, cond):
         return self.f(cond, x)
-
-
-_X_SECOND = weakref.WeakKeyDictionary()  # one wrapper per model: torch.compile and recognition see one module
 
 
 def _place_x(fn: str, f, x_arg, has_cond: bool):
@@ -172,9 +147,11 @@ def _place_x(fn: str, f, x_arg, has_cond: bool):
         return f
     if not isinstance(f, nn.Module):
         return lambda x, cond: f(cond, x)
-    if f not in _X_SECOND:
-        _X_SECOND[f] = XSecond(f)
-    return _X_SECOND[f]
+    wrapper = f.__dict__.get("_torchjac_x_second")
+    if wrapper is None:
+        wrapper = XSecond(f)
+        object.__setattr__(f, "_torchjac_x_second", wrapper)  # bypasses nn.Module's submodule registration
+    return wrapper
 
 
 def _transformed(tensors) -> bool:

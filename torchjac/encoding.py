@@ -12,9 +12,13 @@ results back into derivatives w.r.t. x, as tiny-cuda-nn composes an encoding wit
 Autograd differentiates this module's few elementwise ops, so training, double backward and gradients
 w.r.t. x reach through the encoding; the MLP ops keep their hand-written backward.
 """
-from typing import NamedTuple, Tuple
+import math
+from typing import Callable, NamedTuple, Tuple
 
 import torch
+
+from . import activations as act
+from . import reference
 
 KINDS = ("x", "sin", "cos")
 
@@ -29,19 +33,20 @@ class FrequencyEncoding(NamedTuple):
         """e(x), (..., features(d))."""
         parts = []
         for kind, c in self.blocks:
-            u = x * c
-            parts.append(u if kind == "x" else torch.sin(u) if kind == "sin" else torch.cos(u))
+            if kind == "sin":  # sine's value and derivative are the activation's (torchjac/activations.py)
+                parts.append(act.value(act.Act.SINE, c, 0.0, x))
+            else:
+                parts.append(x * c if kind == "x" else torch.cos(x * c))
         return torch.cat(parts, -1)
 
     def slopes(self, x: torch.Tensor) -> torch.Tensor:
         """de/dx per block, (..., n_blocks, d): block b's feature at coordinate a changes by slopes[..., b, a]."""
         parts = []
         for kind, c in self.blocks:
-            if kind == "x":
-                parts.append(torch.full_like(x, c))
+            if kind == "sin":
+                parts.append(act.derivative(act.Act.SINE, c, 0.0, x))
             else:
-                u = x * c
-                parts.append(c * torch.cos(u) if kind == "sin" else -c * torch.sin(u))
+                parts.append(torch.full_like(x, c) if kind == "x" else -c * torch.sin(x * c))
         return torch.stack(parts, -2)
 
     def push(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -55,3 +60,27 @@ class FrequencyEncoding(NamedTuple):
         slopes = self.slopes(x)  # (..., B, d)
         per_block = jac_e.unflatten(-1, slopes.shape[-2:])  # (..., d_out, B, d)
         return (per_block * slopes.unsqueeze(-3)).sum(-2)
+
+
+def compose(encoding: FrequencyEncoding, op: Callable, mode: str, x: torch.Tensor, *extra):
+    """(y, out) of a first-order mode of an MLP that reads encoding(x), from ``op(mode, e, *extra)``, the op on e.
+
+    The reverse mode's J w.r.t. e is pulled back through de/dx; the forward modes push their tangents (the basis,
+    the jvp tangents or the Hutchinson noise) through de/dx into the jvp op and reduce its J v as the op of the
+    mode would (reference.reduce_tangents).
+    """
+    e = encoding.value(x)
+    if mode == "jacobian_reverse":
+        y, jac_e = op(mode, e)
+        return y, encoding.pull(x, jac_e)
+    if mode in reference.SECOND_ORDER_MODES:
+        raise ValueError(f"{mode} through an input encoding has no fused path; the generic path computes it")
+    d = x.shape[-1]
+    v = (torch.eye(d, dtype=x.dtype, device=x.device).expand(*x.shape[:-1], d, d)
+         if mode in reference.BASIS_MODES else extra[0])
+    y, jv = op("jvp", e, encoding.push(x, v))  # (..., k, d_out)
+    lead = x.shape[:-1]
+    n_points = math.prod(lead)  # spelled out: -1 cannot give it for k = 0 tangents
+    t = jv.reshape(n_points, *jv.shape[-2:]).transpose(0, 1)
+    out = reference.reduce_tangents(mode, t, v.reshape(n_points, *v.shape[-2:]))
+    return y, out.reshape((*lead, *out.shape[1:]))

@@ -25,7 +25,7 @@ from torch.nn.utils.weight_norm import WeightNorm  # the older weight_norm's for
 from . import activations as act
 from .encoding import FrequencyEncoding
 from .mlp import PointMLP
-from .trace import NotFusable, Recipe, ValueRef, recognize, run_cond_program
+from .trace import COND_FUNCTIONS, NotFusable, Recipe, SliceArg, ValueRef, recognize
 
 CHANNELS_LAST = "channels_last"    # x (..., features): features in the last dim
 CHANNELS_FIRST = "channels_first"  # x (B, features, N) or (features, N): PointNet's Conv1d layout
@@ -374,6 +374,36 @@ def _column_blocks(weight: torch.Tensor, blocks, widths) -> dict:
     return out
 
 
+def run_cond_program(f: nn.Module, program, cond: torch.Tensor) -> list:
+    """The values of a recipe's cond program (torchjac/trace.py) for this call's cond, as the user passed it:
+    differentiable w.r.t. cond and the parameters it reads."""
+    values = []
+
+    def arg(a):
+        if isinstance(a, ValueRef):
+            return values[a.index]
+        if isinstance(a, SliceArg):
+            return slice(a.start, a.stop, a.step)
+        if isinstance(a, tuple):
+            return tuple(arg(b) for b in a)
+        return a
+
+    for kind, target, args, kwargs in program:
+        args, kwargs = arg(args), {k: arg(v) for k, v in kwargs}
+        if kind == "cond":
+            values.append(cond * target if target != 1.0 else cond)
+        elif kind == "parameter":
+            p = _parameter(f, target)
+            values.append({"same": p, "t": p.t(), "row": p.unsqueeze(-2)}[args[0]])
+        elif kind == "module":
+            values.append(f.get_submodule(target)(*args, **kwargs))
+        elif kind == "function":
+            values.append(COND_FUNCTIONS[target](*args, **kwargs))
+        else:
+            values.append(getattr(args[0], target)(*args[1:], **kwargs))
+    return values
+
+
 def _modulated(w, b, modulation, values):
     """W and b of a layer whose output W h + b is then multiplied or shifted, step by step, by constants or by
     vectors computed from cond (one per output feature, or one for all)."""
@@ -502,18 +532,19 @@ def _recipe_detail(f: nn.Module, recipe: Recipe) -> str:
     modulated = [i for i, layer in enumerate(recipe.layers) if layer.modulation and any(
         isinstance(operand, ValueRef) for _, operand in layer.modulation)]
     from_cond = [i for i, layer in enumerate(recipe.layers) if layer.weight_value is not None]
-    if modulated:
-        rows += f", layers {modulated} modulated by cond"
-    if from_cond:
-        rows += f", the weights of layers {from_cond} computed from cond"
     mixed = [i for i, layer in enumerate(recipe.layers) if layer.terms]
+    notes = rows
+    if modulated:
+        notes += f", layers {modulated} modulated by cond"
+    if from_cond:
+        notes += f", the weights of layers {from_cond} computed from cond"
     if mixed:
-        rows += f", layers {mixed} mixing Linear layers of one input"
+        notes += f", layers {mixed} mixing Linear layers of one input"
     if recipe.cond_program:
-        rows += " (fused for one cond shared by all points)"
+        notes += " (fused for one cond shared by all points)"
     name = getattr(f, "model_name", type(f).__name__)
     return (f"{name} traced by torch.fx: {encoding}{len(recipe.layers)} Linear layers"
-            + (f", skips into layers {skips}" if skips else "") + rows)
+            + (f", skips into layers {skips}" if skips else "") + notes)
 
 
 def _direction_note(d_in: Optional[int], d_out: int, encoded: bool = False) -> str:

@@ -31,7 +31,7 @@ class NotFusable(Exception):
 
 
 class RecipeLayer(NamedTuple):
-    module: str                           # qualified name of the nn.Linear; "" when weights come from cond
+    module: str                           # qualified name of the nn.Linear (a description if weights are not one's)
     blocks: Tuple[Tuple[str, float], ...]  # the input columns in order: ("x" | "cond" | "h" | "enc<j>", scale)
     z_scale: float                        # z = z_scale * modulated(W @ input + b)
     activation: Tuple[int, float, float]  # code, p0, p1
@@ -162,37 +162,12 @@ COND_FUNCTIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.re
                   "chunk": torch.chunk, "split": torch.split}
 _COND_FUNCTION_NAMES = {fn: name for name, fn in COND_FUNCTIONS.items()}
 _COND_FUNCTION_NAMES.update({F.sigmoid: "sigmoid", F.tanh: "tanh", F.relu: "relu", torch.mul: "mul",
-                             torch.add: "add", torch.sub: "sub", torch.div: "truediv", torch.concat: "cat"})
+                             torch.add: "add", torch.sub: "sub", torch.div: "truediv", torch.concat: "cat",
+                             operator.matmul: "matmul", torch.mm: "matmul"})
+# Methods a cond program may call.
 COND_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "expand", "t", "transpose", "permute",
                 "contiguous", "sigmoid", "tanh", "exp", "relu", "__getitem__", "add", "sub", "mul", "div", "chunk",
                 "split", "sum", "mean"}
-
-
-def run_cond_program(module: nn.Module, program, cond: torch.Tensor) -> list:
-    """The values of a recipe's cond program for this call's cond (as the user passed it), differentiable
-    w.r.t. cond and the parameters of the modules it calls."""
-    values = []
-
-    def arg(a):
-        if isinstance(a, ValueRef):
-            return values[a.index]
-        if isinstance(a, SliceArg):
-            return slice(a.start, a.stop, a.step)
-        if isinstance(a, tuple):
-            return tuple(arg(b) for b in a)
-        return a
-
-    for kind, target, args, kwargs in program:
-        args, kwargs = arg(args), {k: arg(v) for k, v in kwargs}
-        if kind == "cond":
-            values.append(cond * target if target != 1.0 else cond)
-        elif kind == "module":
-            values.append(module.get_submodule(target)(*args, **kwargs))
-        elif kind == "function":
-            values.append(COND_FUNCTIONS[target](*args, **kwargs))
-        else:
-            values.append(getattr(args[0], target)(*args[1:], **kwargs))
-    return values
 _SHAPE = {"size", "dim", operator.getitem, getattr}
 
 
@@ -240,6 +215,31 @@ def _has_features(value) -> bool:
     if isinstance(value, dict):
         return any(_has_features(v) for v in value.values())
     return False
+
+
+def _describe(value) -> str:
+    """What a traced value is, in a user's words."""
+    if isinstance(value, _ParamView):
+        return {"same": f"the parameter {value.name!r}", "t": f"the transpose of the parameter {value.name!r}",
+                "row": f"the parameter {value.name!r} as a row"}[value.view]
+    if isinstance(value, _Meta):
+        return f"{value.node!r} (a shape, a slice or a specialized argument)"
+    if isinstance(value, _Ones):
+        return "ones_like(...)"
+    if isinstance(value, (_LayerOut, _Rows, _Combo)):
+        return "a layer's output"
+    return type(value).__name__
+
+
+def _flat(values) -> list:
+    """values with the lists and plain tuples among them opened (torch.cat's list of tensors)."""
+    out = []
+    for v in values:
+        if isinstance(v, list) or type(v) is tuple:
+            out.extend(_flat(v))
+        else:
+            out.append(v)
+    return out
 
 
 def _from_cond_alone(value) -> bool:
@@ -314,10 +314,10 @@ class _Interpreter:
             return value._replace(rows=tuple((r, s * factor) for r, s in value.rows))
         return _Blocks(tuple((src, i, s * factor) for src, i, s in self.blocks(value, node).parts))
 
-    def linear(self, name, blocks: _Blocks, node):
+    def linear(self, name, blocks: _Blocks, node, module_call: bool = False):
         index = len(self.layers)
         previous = self.layers[-1] if self.layers else None
-        if (name and previous is not None and blocks.parts == previous.blocks and index - 1 not in self.consumed
+        if (module_call and previous is not None and blocks.parts == previous.blocks and index - 1 not in self.consumed
                 and previous.activation is None and not previous.modulation and previous.parameters is None
                 and previous.weight_value is None and previous.term_coefs is None):
             # A second Linear of the previous one's input: a term of that layer, to be mixed with it.
@@ -340,17 +340,26 @@ class _Interpreter:
         for p, views in ((weight, ("same",) if bias is not None or node.target in _LINEAR else ("t",)),
                          (bias, ("same", "row"))):
             if p is not None and (not isinstance(p, _ParamView) or p.view not in views):
-                raise NotFusable(f"node {node.name!r}: {_target_name(node)} with {p!r}, which is not a Linear "
-                                 f"layer's weight (or bias) as nn.Linear applies it")
-        out = self.linear("", self.blocks(blocks, node), node)
+                raise NotFusable(f"node {node.name!r}: {_target_name(node)} with {_describe(p)}, which is not a "
+                                 f"Linear layer's weight (or bias) as nn.Linear applies it")
+        w = self.module.get_parameter(weight.name)
+        if w.dim() != 2 or (bias is not None and tuple(self.module.get_parameter(bias.name).shape) != (w.shape[0],)):
+            raise NotFusable(f"node {node.name!r}: {_target_name(node)} with a weight of shape {tuple(w.shape)}"
+                             f"{'' if bias is None else ' and a bias of shape '}"
+                             f"{'' if bias is None else tuple(self.module.get_parameter(bias.name).shape)}; the "
+                             f"fused path takes a 2-dim (out, in) weight and an (out,) bias")
+        out = self.linear(weight.name, self.blocks(blocks, node), node)
         self.layers[-1].parameters = [weight.name, None if bias is None else bias.name]
         return out
 
     def add_bias(self, out: _LayerOut, bias: _ParamView, node) -> _LayerOut:
         """matmul(h, W.t()) + b: the bias of a layer built from parameters."""
         layer = self.layers[out.index]
+        out_features = (self.module.get_parameter(layer.parameters[0]).shape[0]
+                        if layer.parameters is not None else None)
         if (out.activated or out.index in self.consumed or layer.parameters is None or layer.parameters[1] is not None
-                or layer.modulation or out.scale != 1.0 or bias.view not in ("same", "row")):
+                or layer.modulation or out.scale != 1.0 or bias.view not in ("same", "row")
+                or self.module.get_parameter(bias.name).shape[-1] != out_features):
             raise NotFusable(f"node {node.name!r}: adds the parameter {bias.name!r} to a layer's output other than "
                              f"as the bias of h @ W.t()")
         layer.parameters[1] = bias.name
@@ -363,7 +372,7 @@ class _Interpreter:
         if not isinstance(weight, _CondValue) or not (bias is None or isinstance(bias, _CondValue)):
             raise NotFusable(f"node {node.name!r}: F.linear with a weight or bias that is neither computed from "
                              f"cond nor an nn.Linear's")
-        out = self.linear("", self.blocks(args[0], node), node)
+        out = self.linear("F.linear with weights from cond", self.blocks(args[0], node), node)
         self.layers[-1].weight_value = (weight.ref, None if bias is None else bias.ref)
         return out
 
@@ -464,13 +473,23 @@ class _Interpreter:
     def program_arg(self, a, node):
         if isinstance(a, (ValueRef, SliceArg)):
             return a
+        if isinstance(a, _ParamView):  # a parameter read by the computation on cond
+            self.program.append(("parameter", a.name, (a.view,), ()))
+            return ValueRef(len(self.program) - 1)
+        if isinstance(a, (_Meta, _Ones, _Rows, _LayerOut, _Combo)):
+            raise NotFusable(f"node {node.name!r}: a computation on cond reads {_describe(a)}, which torchjac "
+                             f"cannot replay from cond alone")
         if isinstance(a, (_CondValue, _Blocks)):
             value = self.as_cond_value(a)
             if value is None:
                 raise NotFusable(f"node {node.name!r}: mixes x into a computation on cond")
             return ValueRef(value.ref)
         if isinstance(a, slice):
-            return SliceArg(a.start, a.stop, a.step)
+            bounds = (a.start, a.stop, a.step)
+            if not all(b is None or (isinstance(b, int) and not isinstance(b, bool)) for b in bounds):
+                raise NotFusable(f"node {node.name!r}: a computation on cond slices with bounds computed from a "
+                                 f"tensor's shape, which torchjac cannot replay")
+            return SliceArg(*bounds)
         if isinstance(a, (list, tuple)):
             return tuple(self.program_arg(b, node) for b in a)
         if isinstance(a, _Const):
@@ -488,7 +507,8 @@ class _Interpreter:
 
     def cond_step(self, node, key, args, kwargs) -> Optional[_CondValue]:
         """The cond program step of a call on values computed from cond alone, or None if it reads x."""
-        values = [a for a in list(args) + list(kwargs.values()) if _has_features(a) or isinstance(a, _CondValue)]
+        values = [a for a in _flat(list(args) + list(kwargs.values()))
+                  if _has_features(a) or isinstance(a, _CondValue)]
         if not values or not all(_from_cond_alone(a) for a in values):
             return None
         if not any(isinstance(a, _CondValue) for a in values) and (
@@ -568,7 +588,7 @@ class _Interpreter:
                 return _ParamView(name, "same")
             if p.dim() == 2 and value.shape == p.shape[::-1] and value.stride() == p.stride()[::-1]:
                 return _ParamView(name, "t")
-            if p.dim() == 1 and value.shape == (1, p.shape[0]):
+            if p.dim() == 1 and value.shape == (1, p.shape[0]) and value.stride()[-1] == p.stride(0):
                 return _ParamView(name, "row")
         return None
 
@@ -618,7 +638,7 @@ class _Interpreter:
                 # computes_as: a subclass with its own forward can be a leaf here too (a parametrized
                 # module's class lives in torch.nn), and it does not compute what the base class does.
                 if act.computes_as(sub, nn.Linear):
-                    env[node.name] = self.linear(target, self.blocks(args[0], node), node)
+                    env[node.name] = self.linear(target, self.blocks(args[0], node), node, module_call=True)
                 elif act.computes_as(sub, nn.Identity) or (act.computes_as(sub, nn.Dropout) and not sub.training):
                     env[node.name] = args[0]
                 elif encoded is not None:
@@ -629,7 +649,7 @@ class _Interpreter:
             elif node.op in ("call_function", "call_method"):
                 key = target if node.op == "call_function" else str(target)
                 encoded = _functional_activation(key, args, kwargs)
-                cond_args = any(isinstance(a, _CondValue) for a in list(args) + list(kwargs.values()))
+                cond_args = any(isinstance(a, _CondValue) for a in _flat(list(args) + list(kwargs.values())))
                 if key in ("t", torch.t) and len(args) == 1 and isinstance(args[0], _ParamView) and args[0].view in (
                         "same", "t"):  # W.t(), as h @ W.t() takes a Linear's weight
                     env[node.name] = args[0]._replace(view="t" if args[0].view == "same" else "same")
@@ -639,6 +659,9 @@ class _Interpreter:
                     env[node.name] = _Meta(node.name)  # shapes, guards on specialized arguments
                 elif (step := self.cond_step(node, key, args, kwargs)) is not None:
                     env[node.name] = step
+                elif kwargs and key in _ADD | _SUB | _MUL | _DIV | _SIN | _COS | _MATMUL:
+                    raise NotFusable(f"node {node.name!r}: {_target_name(node)} with {', '.join(sorted(kwargs))}=; "
+                                     f"the fused path folds the plain operation only")
                 elif key in _ADD | _SUB | _MUL and len(args) == 2 and any(isinstance(a, _Combo) for a in args):
                     env[node.name] = self.combine(key, args, node)
                 elif key in _MUL | _ADD and len(args) == 2 and cond_args and any(
