@@ -308,23 +308,9 @@ def ffjord_net():
     return zoo.ODEnet((860, 860), 43, "concatsquash", "softplus")
 
 
-def ffjord_divergence_bf(f, b, create_graph=False):
-    """FFJORD's divergence_bf: one autograd.grad per dimension, on odefunc(t, y)."""
-    x = b.x.detach().requires_grad_()
-    with torch.enable_grad():
-        y = f(b.cond, x)
-        div = sum(torch.autograd.grad(y[:, i].sum(), x, create_graph=create_graph, retain_graph=True)[0][:, i]
-                  for i in range(x.shape[1]))
-    return y, div
-
-
-def ffjord_divergence_approx(f, b, create_graph=False):
-    """FFJORD's divergence_approx: e^T (dy/dx) from one autograd.grad, times e."""
-    x = b.x.detach().requires_grad_()
-    with torch.enable_grad():
-        y = f(b.cond, x)
-        e_dydx = torch.autograd.grad(y, x, b.noise, create_graph=create_graph)[0]
-    return y, (e_dydx * b.noise).sum(-1)
+def time_first(f):
+    """FFJORD's odefunc(t, y) as the CNF baselines above call their dynamics, f(y, t)."""
+    return lambda y, t: f(t, y)
 
 
 def oracle_ode_jacobian(f, b):
@@ -341,16 +327,17 @@ def ffjord_groups():
 
     return {
         "divergence": Group({"torchjac": lambda f, b: tj_exact(f, b)[1],
-                             "divergence_bf": lambda f, b: ffjord_divergence_bf(f, b)[1]},
+                             "divergence_bf": lambda f, b: divergence_bf(time_first(f), b)[1]},
                             expected=lambda J, b: J.diagonal(0, -2, -1).sum(-1), oracle=oracle_ode_jacobian),
         "hutchinson": Group({"torchjac": lambda f, b: tj_hutchinson(f, b)[1],
-                             "divergence_approx": lambda f, b: ffjord_divergence_approx(f, b)[1]},
+                             "divergence_approx": lambda f, b: divergence_approx(time_first(f), b)[1]},
                             expected=hutchinson, oracle=oracle_ode_jacobian),
         "step exact": Group({"torchjac": lambda f, b: cnf_loss(*tj_exact(f, b)),
-                             "divergence_bf": lambda f, b: cnf_loss(*ffjord_divergence_bf(f, b, True))},
+                             "divergence_bf": lambda f, b: cnf_loss(*divergence_bf(time_first(f), b, True))},
                             reference="divergence_bf"),
         "step hutchinson": Group({"torchjac": lambda f, b: cnf_loss(*tj_hutchinson(f, b)),
-                                  "divergence_approx": lambda f, b: cnf_loss(*ffjord_divergence_approx(f, b, True))},
+                                  "divergence_approx":
+                                      lambda f, b: cnf_loss(*divergence_approx(time_first(f), b, True))},
                                  reference="divergence_approx"),
     }
 

@@ -378,3 +378,30 @@ def test_a_single_point_and_no_points():
     assert_close64(torchjac.jacobian(model, point), jac_ref[0])
     assert_close64(torchjac.divergence(model, point), jac_ref[0].trace())
     assert torchjac.jacobian(model, torch.zeros(0, 3, dtype=F64)).shape == (0, 3, 3)
+
+
+@pytest.mark.parametrize("style", ["old", "new"])
+def test_neus_with_either_weight_norm(style):
+    """NeuS as published uses the older torch.nn.utils.weight_norm; the parametrization is its successor."""
+    import zoo
+    torch.manual_seed(8)
+    model = zoo.NeuSSDFNetwork(multires=6, width=48, weight_norm=style == "old", scale=1.3)
+    if style == "new":
+        for name, m in list(model.named_children()):
+            if isinstance(m, nn.Linear):
+                nn.utils.parametrizations.weight_norm(m)
+    model = _perturbed(model)
+    assert torchjac.explain(model).path == "fused"
+    x = _points(10, 0.4)
+    y, jac = torchjac.jacobian(model, x, outputs=slice(0, 1), return_output=True)
+    y_ref, jac_ref = oracle_jacobian(model, x)
+    assert_close64(y, y_ref[:, :1])
+    assert_close64(jac, jac_ref[:, :1])
+    leaves = [x, *model.parameters()]
+
+    def loss(y, jac):
+        return ((jac.norm(dim=-1) - 1) ** 2).mean() + y.abs().mean()
+
+    expected = torch.autograd.grad(loss(y_ref[:, :1], autograd_jacobian(model, x)[1][:, :1]), leaves)
+    for g, e in zip(torch.autograd.grad(loss(y, jac), leaves), expected):
+        assert_close64(g, e)
