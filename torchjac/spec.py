@@ -25,7 +25,9 @@ from torch.nn.utils.weight_norm import WeightNorm  # the older weight_norm's for
 from . import activations as act
 from .encoding import FrequencyEncoding
 from .mlp import PointMLP
-from .trace import COND_FUNCTIONS, NotFusable, Recipe, SliceArg, ValueRef, recognize
+from . import cond_program
+from .cond_program import ValueRef
+from .trace import NotFusable, Recipe, recognize
 
 CHANNELS_LAST = "channels_last"    # x (..., features): features in the last dim
 CHANNELS_FIRST = "channels_first"  # x (B, features, N) or (features, N): PointNet's Conv1d layout
@@ -374,36 +376,6 @@ def _column_blocks(weight: torch.Tensor, blocks, widths) -> dict:
     return out
 
 
-def run_cond_program(f: nn.Module, program, cond: torch.Tensor) -> list:
-    """The values of a recipe's cond program (torchjac/trace.py) for this call's cond, as the user passed it:
-    differentiable w.r.t. cond and the parameters it reads."""
-    values = []
-
-    def arg(a):
-        if isinstance(a, ValueRef):
-            return values[a.index]
-        if isinstance(a, SliceArg):
-            return slice(a.start, a.stop, a.step)
-        if isinstance(a, tuple):
-            return tuple(arg(b) for b in a)
-        return a
-
-    for kind, target, args, kwargs in program:
-        args, kwargs = arg(args), {k: arg(v) for k, v in kwargs}
-        if kind == "cond":
-            values.append(cond * target if target != 1.0 else cond)
-        elif kind == "parameter":
-            p = _parameter(f, target)
-            values.append({"same": p, "t": p.t(), "row": p.unsqueeze(-2)}[args[0]])
-        elif kind == "module":
-            values.append(f.get_submodule(target)(*args, **kwargs))
-        elif kind == "function":
-            values.append(COND_FUNCTIONS[target](*args, **kwargs))
-        else:
-            values.append(getattr(args[0], target)(*args[1:], **kwargs))
-    return values
-
-
 def _modulated(w, b, modulation, values):
     """W and b of a layer whose output W h + b is then multiplied or shifted, step by step, by constants or by
     vectors computed from cond (one per output feature, or one for all)."""
@@ -427,7 +399,7 @@ def from_recipe(f: nn.Module, recipe: Recipe, d_in: int, cond_features: int,
     """The layers of a recipe. Those reading the input take cat([x, enc_0(x), ..., cond]) when the recipe
     encodes x, zero columns standing for blocks a layer does not read. cond: the call's, as the user passed it,
     on which the recipe's cond program runs."""
-    values = run_cond_program(f, recipe.cond_program, cond) if recipe.cond_program else []
+    values = cond_program.replay(f, recipe.cond_program, cond, _parameter) if recipe.cond_program else []
     weights, biases, codes, params, skips = [], [], [], [], []
     encoded = [f"enc{j}" for j in range(len(recipe.encoding))]
     inputs = [("x", d_in)] + [(source, d_in) for source in encoded] + [("cond", cond_features)]

@@ -6,12 +6,19 @@ dim) of the previous layer's output with the input ``x``, the condition ``cond``
 and a frequency encoding of x (``sin(c x)``, ``cos(c x)``: NeRF, NeuS, IDR), in any
 order, and values may be scaled by constants (NeuS divides its skip by sqrt(2)).
 The module may return slices of its last layer's features, scaled and
-concatenated (NeuS returns ``[sdf / scale, features]``). The result is a *recipe*:
-plain Python values naming the Linear submodules, the column blocks each one
-reads, the activation after it, the constant scales, the encoding's frequencies
-and the output rows. The recipe holds no parameters; ``spec.from_recipe`` reads
-them at call time. Anything else raises ``NotFusable`` naming the node that
-stopped it.
+concatenated (NeuS returns ``[sdf / scale, features]``). A layer may also be
+written with the module's own parameters (``F.linear``, ``h @ W.t() + b``,
+SIREN's BatchLinear), be scaled and shifted by values computed from cond alone
+(FiLM, FFJORD's gates), take its weights from such values (FFJORD's hyper layer),
+or mix Linear layers of one input (FFJORD's blend); the computations on cond are
+recorded as the recipe's cond program (torchjac/cond_program.py).
+
+The result is a *recipe*: plain Python values naming the Linear submodules or
+parameters, the column blocks each layer reads, the activation after it, the
+constant scales, the encoding's frequencies, the output rows and the cond
+program. The recipe holds no tensors; ``spec.from_recipe`` reads the parameters
+and replays the cond program at call time. Anything else raises ``NotFusable``
+naming the node that stopped it.
 """
 import dataclasses
 import inspect
@@ -24,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import activations as act
+from .cond_program import COND_FUNCTIONS, COND_METHODS, FUNCTION_NAMES, SliceArg, ValueRef
 
 
 class NotFusable(Exception):
@@ -141,33 +149,6 @@ _LINEAR = {F.linear, "linear"}
 _MATMUL = {operator.matmul, torch.matmul, torch.mm, "matmul", "mm"}
 
 
-# ---- the cond program: what the forward computes from cond alone, replayed at each call on the call's cond
-
-class ValueRef(NamedTuple):
-    index: int  # an earlier value of the program
-
-
-class SliceArg(NamedTuple):
-    start: object
-    stop: object
-    step: object
-
-
-# The functions and methods a cond program may call, by name: a recipe holds plain values, no callables.
-COND_FUNCTIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "exp": torch.exp,
-                  "sin": torch.sin, "cos": torch.cos, "softplus": F.softplus, "silu": F.silu, "elu": F.elu,
-                  "gelu": F.gelu, "leaky_relu": F.leaky_relu, "add": operator.add, "sub": operator.sub,
-                  "mul": operator.mul, "truediv": operator.truediv, "neg": operator.neg,
-                  "getitem": operator.getitem, "cat": torch.cat, "linear": F.linear, "matmul": torch.matmul,
-                  "chunk": torch.chunk, "split": torch.split}
-_COND_FUNCTION_NAMES = {fn: name for name, fn in COND_FUNCTIONS.items()}
-_COND_FUNCTION_NAMES.update({F.sigmoid: "sigmoid", F.tanh: "tanh", F.relu: "relu", torch.mul: "mul",
-                             torch.add: "add", torch.sub: "sub", torch.div: "truediv", torch.concat: "cat",
-                             operator.matmul: "matmul", torch.mm: "matmul"})
-# Methods a cond program may call.
-COND_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "expand", "t", "transpose", "permute",
-                "contiguous", "sigmoid", "tanh", "exp", "relu", "__getitem__", "add", "sub", "mul", "div", "chunk",
-                "split", "sum", "mean"}
 _SHAPE = {"size", "dim", operator.getitem, getattr}
 
 
@@ -515,7 +496,7 @@ class _Interpreter:
                 key in _CAT | _EXPAND | _MUL | _DIV | _ONES_LIKE or key in (operator.getitem, "__getitem__")):
             return None  # cond as features: concatenated, expanded, scaled, as before
         if node.op == "call_function":
-            name = _COND_FUNCTION_NAMES.get(key)
+            name = FUNCTION_NAMES.get(key)
             if name is None:
                 raise NotFusable(f"node {node.name!r}: computes {_target_name(node)} of cond, which torchjac "
                                  f"does not replay (it replays {sorted(COND_FUNCTIONS)})")
