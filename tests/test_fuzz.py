@@ -33,3 +33,15 @@ def test_a_float32_case_at_a_derivative_jump_is_told_apart():
     x, cond, _, _ = fuzzing._inputs(case, torch.float64)
     assert fuzzing._near_a_derivative_jump(model, x, cond)
     assert not fuzzing._near_a_derivative_jump(model, x + 0.1, cond)
+
+
+def test_an_output_scaled_by_one_after_a_nonlinear_activation_is_fused():
+    """make fuzz of 2026-12-02 drew output_scale=1.0 after a final SiLU: the fuzzer expected the generic path, but
+    a scale of 1 changes nothing and the fused result is exact (the case now checks that)."""
+    import torch
+    from torch import nn
+    case = fuzzing.Case(form="encoded", d_in=7, d_out=7, widths=(150,), activations=(nn.Sigmoid(),),
+                        final_activation=nn.Tanh(), cond_features=0, skip_layers=(1,), lead=(4,), cond_lead=None,
+                        non_contiguous=True, num_samples=2, dtype=torch.float64, seed=20029,
+                        bands=(0.4221726781493652,), include_input=False, output_scale=1.0)
+    fuzzing.check(case)
