@@ -34,6 +34,7 @@ class Case:
     channels_first: bool = False         # PointNet: x is (B, C, N)
     run: Optional[Callable] = None       # run(api, x, cond) -> (y, result), when not api(f, x, cond=cond)
     x_arg: Optional[str] = None          # torchjac is given the model itself, called model(cond, x)
+    branches_on_shape: bool = False      # explain() needs an example input to tell the path
 
     def call(self, api, x, cond):
         if self.run is not None:
@@ -114,11 +115,12 @@ def igr():
 
 
 def deepsdf():
-    decoder = _perturb(zoo.DeepSDFDecoder().double()).eval()
+    decoder = _perturb(zoo.DeepSDFDecoder().double()).eval()  # eval: its dropout is the identity
     m = zoo.LatentSDF(decoder)
     latent = (0.5 * torch.randn(1, 8, dtype=torch.float64)).requires_grad_(True)
-    return Case(m, m, _points(24, 3, scale=0.5), latent, eikonal, ("generic", "control flow"),
-                explain_of=decoder)
+    return Case(m, m, _points(24, 3, scale=0.5), latent, eikonal,
+                ("fused", "LatentSDF traced by torch.fx: 5 Linear layers, skips into layers [2]; jacobian in reverse "
+                          "mode (d_in=3, d_out=1)"), branches_on_shape=True)
 
 
 # FFJORD's layers: t concatenated, t's gate and shift folded into the layer, weights computed from t, two
@@ -215,7 +217,7 @@ def nerfies_se3():
     latent = torch.nn.Embedding(4, 8).double()
     m.add_module("warp_embed", latent)  # the per-image codes train with the field
     codes = latent(torch.tensor([1, 3]))[:, None, :]
-    return Case(m, m, _points(2, 10, 3), codes, elastic, ("generic", "Proxy object cannot be iterated"), square=True)
+    return Case(m, m, _points(2, 10, 3), codes, elastic, ("generic", "outside any nn.Linear layer"), square=True)
 
 
 def nerfies_translation():
@@ -223,7 +225,7 @@ def nerfies_translation():
     latent = torch.nn.Embedding(4, 8).double()
     m.add_module("warp_embed", latent)
     codes = latent(torch.tensor([0, 2]))[:, None, :]
-    return Case(m, m, _points(2, 10, 3), codes, elastic, ("generic", "Proxy object cannot be iterated"), square=True)
+    return Case(m, m, _points(2, 10, 3), codes, elastic, ("generic", "outside any nn.Linear layer"), square=True)
 
 
 CASES = {
@@ -327,7 +329,15 @@ def test_training_gradients_match_create_graph(name):
 def test_explain_says_which_path_runs(name):
     case = _case(name)
     target = case.model if case.x_arg else case.f if case.explain_of is None else case.explain_of
-    why = torchjac.explain(target, cond=case.cond is not None and case.explain_of is None, x_arg=case.x_arg)
+    has_cond = case.cond is not None and case.explain_of is None
+    why = torchjac.explain(target, cond=has_cond, x_arg=case.x_arg)
+    if case.branches_on_shape:  # without an example input the shapes are not known
+        assert why.path == "generic" and "explain(f, x) with an example input" in why.detail, why
+    if case.explain_of is None:  # as the call: x and cond given, as to the other functions
+        with_example = torchjac.explain(target, case.x, cond=case.cond, x_arg=case.x_arg)
+        if not case.branches_on_shape:
+            assert with_example.path == why.path, (why, with_example)
+        why = with_example
     path, detail = case.explain
     assert why.path == path, why
     assert detail in why.detail, why
@@ -338,8 +348,8 @@ def test_explain_says_which_path_runs(name):
         assert bool(seen & FUSED_OPS) == (why.path == "fused"), (why, sorted(seen & FUSED_OPS))
 
 
-# Generic today: nerf (two heads, the view directions' encoding), deepsdf (shape-dependent control flow),
-# hyper_cnf (matmul of repeated points), nerfies_* (latent.expand(*shape), SE(3) math). Fused: neus and idr (frequency encoding, output slices), igr, every
+# Generic today: nerf (two heads, the view directions' encoding),
+# hyper_cnf (matmul of repeated points), nerfies_* (their annealed encoding, SE(3) math). Fused: neus and idr (frequency encoding, output slices), igr, every
 # ffjord_* (x_arg="y"; t concatenated, gates, hyper weights and blends folded), siren_* (BatchLinear's parameter
 # views, SineLayer blocks), pointnet (Conv1d stack), hyper_cnf_functional_call (nn.Sequential).
 

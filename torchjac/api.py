@@ -558,11 +558,24 @@ class Explanation(NamedTuple):
         return f"{self.path}: {self.detail}"
 
 
-def explain(f, *, cond: bool = False, ndim: int = 2, x_arg=None) -> Explanation:
+def explain(f, x: Optional[torch.Tensor] = None, *, cond=False, ndim: int = 2, x_arg=None) -> Explanation:
     """Which path computes f, and if not the fused one, which layer or node stopped it.
 
     ``cond=True`` explains the call ``f(x, cond)``, and with ``x_arg`` the call in the order it names, as the
     other functions take it. ``ndim`` is the number of dims of the x it explains the call for, (P, d_in) by
-    default: a forward that concatenates along dim 1 concatenates features only then.
+    default: a forward that concatenates along dim 1 concatenates features only then. With an example ``x``
+    (and ``cond`` as a tensor), it explains the call on those shapes, as a forward that branches on its input's
+    shape (DeepSDF) needs; ndim is then x's.
     """
-    return Explanation(*spec_lib.explain(_place_x("explain", f, x_arg, cond), cond, ndim))
+    has_cond = cond is not None and cond is not False
+    shapes = None
+    if x is not None:
+        if not torch.is_tensor(x):
+            raise TypeError(f"torchjac.explain: x expected an example input tensor, got {type(x).__name__}")
+        if has_cond and not torch.is_tensor(cond):
+            raise TypeError(f"torchjac.explain: with an example x, cond expected an example tensor too (or None), "
+                            f"got {cond!r}")
+        ndim = x.dim()
+        shapes = spec_lib.call_shapes(x, cond if has_cond else None,
+                                      (cond.shape[-1] if cond.dim() else 1) if has_cond else 0)
+    return Explanation(*spec_lib.explain(_place_x("explain", f, x_arg, has_cond), has_cond, ndim, shapes))

@@ -347,17 +347,29 @@ class Recognition(NamedTuple):
 
 
 @torch.compiler.assume_constant_result
-def _recognize(f: nn.Module, has_cond: bool, ndim: Optional[int] = None) -> Recognition:
+def _recognize(f: nn.Module, has_cond: bool, ndim: Optional[int] = None, shapes=None) -> Recognition:
     # Evaluated once while torch.compile traces: the result is plain Python values. It returns, never
     # raises, the reason a model is not recognized: torch.compile cannot trace an exception out of here.
     try:
-        return Recognition(recognize(f, has_cond, ndim), "")
+        return Recognition(recognize(f, has_cond, ndim, shapes), "")
     except NotFusable as e:
         return Recognition(None, str(e))
 
 
-def _recipe(f: nn.Module, has_cond: bool, ndim: int) -> Recipe:
-    recognition = _recognize(f, has_cond, ndim)
+def call_shapes(x: torch.Tensor, cond: Optional[torch.Tensor], cond_features: int) -> tuple:
+    """The shapes of x and cond that recognition may specialize on (trace.recognize): their feature widths and
+    dims, None for each dim that counts points; a cond shared by all points as it is."""
+    def points(t, features):
+        return (None,) * (t.dim() - 1) + (int(features),)
+
+    if cond is None:
+        return (points(x, x.shape[-1]),)
+    shared = cond.numel() == cond_features
+    return points(x, x.shape[-1]), tuple(int(n) for n in cond.shape) if shared else points(cond, cond_features)
+
+
+def _recipe(f: nn.Module, has_cond: bool, ndim: int, shapes=None) -> Recipe:
+    recognition = _recognize(f, has_cond, ndim, shapes)
     if recognition.recipe is None:
         raise NotFusable(recognition.reason)
     return recognition.recipe
@@ -482,13 +494,14 @@ def lower(f, x: torch.Tensor, cond_features: int, cond: Optional[torch.Tensor] =
             raise NotFusable(unsupported)
         # Any other Sequential is called on cat([x, cond]) too: a recipe of one input, whose columns
         # are those of x and then cond.
-        spec = from_recipe(f, _recipe(f, False, x.dim()), d_in + cond_features, 0)
+        spec = from_recipe(f, _recipe(f, False, x.dim(), ((None,) * (x.dim() - 1) + (d_in + cond_features,),)),
+                           d_in + cond_features, 0)
         if spec.encoding is not None and cond_features:  # it would encode cond too
             raise NotFusable(f"{type(f).__name__} encodes its input, which torchjac makes cat([x, cond]); pass "
                              f"`lambda x, cond: model(torch.cat([x, cond], -1))` to the generic path, or a "
                              f"module that takes (x, cond)")
         return spec._replace(d_in=d_in, cond_features=cond_features)
-    recipe = _recipe(f, cond_features > 0, x.dim())
+    recipe = _recipe(f, cond_features > 0, x.dim(), call_shapes(x, cond if cond_features else None, cond_features))
     if recipe.cond_program and cond.numel() != cond_features:
         raise NotFusable(f"{type(f).__name__} computes layer weights or modulations from cond, which differs "
                          f"between points here (cond of shape {tuple(cond.shape)}); the fused path folds them into "
@@ -556,9 +569,10 @@ def _recipe_dims(f: nn.Module, recipe: Recipe, has_cond: bool) -> Tuple[Optional
     return first[0] // len(recipe.layers[0].blocks), d_out  # each block (x, enc<j>) is d_in wide
 
 
-def explain(f, has_cond: bool = False, ndim: int = 2) -> Tuple[str, str]:
+def explain(f, has_cond: bool = False, ndim: int = 2, shapes=None) -> Tuple[str, str]:
     """(path, detail) for f: which path computes it, why not the fused one, and the fused jacobian's direction.
-    ndim: x.dim() of the call, which positive dims in the forward refer to."""
+    ndim: x.dim() of the call, which positive dims in the forward refer to; shapes: call_shapes of the call,
+    if known."""
     if not isinstance(f, nn.Module):
         return "generic", f"f is a {type(f).__name__}, not an nn.Module; computed by batched JVPs/VJPs"
     try:
@@ -582,7 +596,8 @@ def explain(f, has_cond: bool = False, ndim: int = 2) -> Tuple[str, str]:
                              if channels_first else "nn.Sequential") + note
         if channels_first:  # the generic path needs features in the last dim
             return "refused", unsupported + "; a channels-first Conv1d stack has no generic fallback"
-        recognition = _recognize(f, False, ndim)
+        joined = None if shapes is None else (shapes[0][:-1] + (sum(shape[-1] if shape else 1 for shape in shapes),),)
+        recognition = _recognize(f, False, ndim, joined)
         if recognition.recipe is None:
             # torch.fx only adds news when it traced into something written by the user
             user_written = not is_plain_sequential(f) or any(
@@ -590,8 +605,11 @@ def explain(f, has_cond: bool = False, ndim: int = 2) -> Tuple[str, str]:
             return "generic", f"{unsupported}, and {recognition.reason}" if user_written else unsupported
         return "fused", _recipe_detail(f, recognition.recipe) + _direction_note(
             *_recipe_dims(f, recognition.recipe, has_cond), bool(recognition.recipe.encoding))
-    recognition = _recognize(f, has_cond, ndim)
+    recognition = _recognize(f, has_cond, ndim, shapes)
     if recognition.recipe is None:
         return "generic", recognition.reason
-    return "fused", _recipe_detail(f, recognition.recipe) + _direction_note(
-        *_recipe_dims(f, recognition.recipe, has_cond), bool(recognition.recipe.encoding))
+    d_in, d_out = _recipe_dims(f, recognition.recipe, has_cond)
+    if shapes is not None:  # the example's x tells d_in where cond's width hides it
+        d_in = shapes[0][-1]
+    return "fused", _recipe_detail(f, recognition.recipe) + _direction_note(d_in, d_out,
+                                                                            bool(recognition.recipe.encoding))

@@ -131,8 +131,10 @@ class _Ones(NamedTuple):
 
 
 class _Meta(NamedTuple):
-    """A shape, a slice, a specialized argument or a guard on one: no feature values."""
+    """A shape, a slice, a specialized argument or a guard on one: no feature values (why: what reading it as
+    features would need)."""
     node: str
+    why: str = ""
 
 
 _SCALAR = (int, float)
@@ -150,6 +152,8 @@ _MATMUL = {operator.matmul, torch.matmul, torch.mm, "matmul", "mm"}
 
 
 _SHAPE = {"size", "dim", operator.getitem, getattr}
+_SHAPE_ATTRIBUTES = ("shape", "ndim", "dtype", "device")
+_DROPOUT = {F.dropout, torch.dropout, "dropout"}
 
 
 def _functional_activation(target, args, kwargs):
@@ -241,8 +245,9 @@ def _feature_slice(index, ndim: Optional[int]) -> Optional[slice]:
 
 class _Interpreter:
     def __init__(self, module: nn.Module, n_inputs: int, ndim: Optional[int], constants: dict,
-                 cond_linears: bool = False):
+                 cond_linears: bool = False, widths: Optional[dict] = None):
         self.module = module
+        self.widths = widths or {}  # features of "x" and "cond" where the call's shapes are known
         self.cond_linears = cond_linears  # a Linear of cond alone computes a modulation, not a layer
         self.n_inputs = n_inputs    # 1 (x) or 2 (x, cond)
         self.ndim = ndim            # x.dim() of the call, which positive dims refer to
@@ -280,9 +285,9 @@ class _Interpreter:
                              f"itself, and folds what is computed from cond into the weights where it scales or "
                              f"shifts a layer's output or is its weight")
         if isinstance(value, _Meta):  # a slice of the input (its shape may be used, to expand cond)
-            raise NotFusable(f"node {node.name!r} ({node.op} {_target_name(node)}): reads {value.node!r}, a slice "
-                             f"or shape of a tensor, as features; the fused path reads whole inputs (x, cond) and "
-                             f"their encoding")
+            raise NotFusable(value.why or f"node {node.name!r} ({node.op} {_target_name(node)}): reads "
+                             f"{value.node!r}, a slice or shape of a tensor, as features; the fused path reads whole "
+                             f"inputs (x, cond) and their encoding")
         raise NotFusable(f"node {node.name!r} ({node.op} {_target_name(node)}): expected a feature tensor "
                          f"input, got {type(value).__name__}")
 
@@ -520,6 +525,19 @@ class _Interpreter:
         layer.modulation.append((op, ValueRef(value.ref)))
         return _LayerOut(out.index, 1.0, False, out.combined)
 
+    def dropout(self, node, args, kwargs):
+        """F.dropout / torch.dropout: the identity in eval mode (training=False) or with p=0."""
+        functional = node.target is F.dropout
+        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        training = args[2] if len(args) > 2 else kwargs.get("training" if functional else "train", functional)
+        if not isinstance(training, bool) or not isinstance(p, _SCALAR):
+            raise NotFusable(f"node {node.name!r}: dropout with p={p!r}, training={training!r}, which are not "
+                             f"Python values when traced")
+        if training and p > 0:
+            raise NotFusable(f"node {node.name!r}: dropout in training mode (p={p}) draws a random mask per call; "
+                             f"the generic path computes it, or call model.eval() for the fused path")
+        return args[0]
+
     def feature_dim(self, dim) -> bool:
         return dim == -1 or (self.ndim is not None and dim == self.ndim - 1)
 
@@ -557,6 +575,31 @@ class _Interpreter:
                                  f"else; only slices of the last layer's features may be put together")
             return _Rows(as_rows[0].index, tuple(r for p in as_rows for r in p.rows), as_rows[0].activated)
         return _Blocks(tuple(b for part in parts for b in self.blocks(part, node).parts))
+
+    def slice_blocks(self, value: _Blocks, index, node):
+        """The whole blocks a slice of input columns takes (DeepSDF's input[:, :-3] of cat([latent, xyz])); any
+        other slice as a _Meta, which may give a shape (FFJORD's ones_like(x[:, :1]))."""
+        def width(src, i):
+            if src == "h":
+                return self.out_features(i, node)
+            return self.widths.get("x" if src == "enc" else src)
+
+        s = _feature_slice(index, self.ndim)
+        widths = [width(src, i) for src, i, _ in value.parts]
+        if s is None or None in widths:
+            return _Meta(node.name, f"node {node.name!r}: indexes input columns with {index!r}; the fused path "
+                                    f"reads slices of the feature dim that are whole inputs (x, cond), with the "
+                                    f"call's shapes known")
+        starts = [sum(widths[:k]) for k in range(len(widths) + 1)]
+        columns = range(starts[-1])[s]
+        first = starts.index(columns[0]) if len(columns) and columns[0] in starts else None
+        last = starts.index(columns[-1] + 1) if len(columns) and columns[-1] + 1 in starts else None
+        if first is None or last is None or columns.step != 1:
+            return _Meta(node.name, f"node {node.name!r}: reads columns {columns.start}..{columns.stop - 1} of "
+                                    f"input columns made of blocks {[src for src, _, _ in value.parts]} of widths "
+                                    f"{widths} as features; the fused path reads whole blocks (x, cond, a layer's "
+                                    f"output), not parts of one")
+        return _Blocks(value.parts[first:last])
 
     def parameter_view(self, value) -> Optional[_ParamView]:
         """value as a view of one of the module's parameters (torch.fx bakes views the forward takes of
@@ -598,7 +641,10 @@ class _Interpreter:
         env = {}
         placeholders = 0
         result = None
+        used = _used_nodes(graph)
         for node in graph.nodes:
+            if node not in used:  # computes nothing the output reads (DeepSDF's unused xyz = input[:, -3:])
+                continue
             def val(a):
                 return env[a.name] if isinstance(a, torch.fx.Node) else a
             args = [torch.fx.node.map_arg(a, val) for a in node.args]
@@ -634,10 +680,16 @@ class _Interpreter:
                 if key in ("t", torch.t) and len(args) == 1 and isinstance(args[0], _ParamView) and args[0].view in (
                         "same", "t"):  # W.t(), as h @ W.t() takes a Linear's weight
                     env[node.name] = args[0]._replace(view="t" if args[0].view == "same" else "same")
+                elif (key is getattr and args[1] in _SHAPE_ATTRIBUTES) or key in ("size", "dim"):
+                    env[node.name] = _Meta(node.name)  # a shape: the meta-evaluated branches are its only use
+                elif key in _DROPOUT:
+                    env[node.name] = self.dropout(node, args, kwargs)
                 elif key in _ONES_LIKE:
                     env[node.name] = _Ones(node.name)
                 elif not cond_args and not _has_features(args) and not _has_features(kwargs):
-                    env[node.name] = _Meta(node.name)  # shapes, guards on specialized arguments
+                    # shapes, guards on specialized arguments; why any slice of the input in them is not features
+                    why = [a.why for a in _flat(list(args) + list(kwargs.values())) if isinstance(a, _Meta) and a.why]
+                    env[node.name] = _Meta(node.name, why[0] if why else "")
                 elif (step := self.cond_step(node, key, args, kwargs)) is not None:
                     env[node.name] = step
                 elif kwargs and key in _ADD | _SUB | _MUL | _DIV | _SIN | _COS | _MATMUL:
@@ -692,6 +744,8 @@ class _Interpreter:
                     env[node.name] = args[0]
                 elif key in (operator.getitem, "__getitem__") and isinstance(args[0], _LayerOut):
                     env[node.name] = self.rows(args[0], args[1], node)
+                elif key in (operator.getitem, "__getitem__") and isinstance(args[0], _Blocks):
+                    env[node.name] = self.slice_blocks(args[0], args[1], node)
                 elif key in _SHAPE:
                     env[node.name] = _Meta(node.name)
                 else:
@@ -741,19 +795,119 @@ class _Interpreter:
         return Recipe(layers, tuple(self.encoding), rows, tuple(self.program))
 
 
+_IN_PLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _used_nodes(graph: torch.fx.Graph) -> set:
+    """The nodes the output reads, and any that may change a tensor in place (never skipped: they are refused)."""
+    def in_place(node):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        return node.op == "output" or node.target in _IN_PLACE_FUNCTIONS or (
+            node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("__"))
+
+    used, stack = set(), [n for n in graph.nodes if in_place(n)]
+    while stack:
+        node = stack.pop()
+        if node not in used:
+            used.add(node)
+            stack.extend(node.all_input_nodes)
+    return used
+
+
 def _target_name(node) -> str:
     t = node.target
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
-def _trace(module: nn.Module, concrete: dict):
+# Point counts at which a value computed from shapes is evaluated: it must not depend on them.
+_SAMPLE_POINTS = (5, 7)
+
+
+class _ShapeTracer(torch.fx.Tracer):
+    """torch.fx's tracer, which may also take a branch or unpack a sequence that depends on shapes alone (DeepSDF's
+    ``if input.shape[1] > 3``, ``latent.expand(*xyz.shape[:-1], n)``).
+
+    Such a value is evaluated on meta tensors of the call's shapes at two numbers of points, so a value of a
+    tensor is never read. It is refused where the shapes are not known or it differs between the two.
+    """
+
+    def __init__(self, root: nn.Module, shapes):
+        super().__init__()
+        self.root = root
+        # shapes: one tuple per input (x, cond), None for the dims that count points; None: unknown
+        self.samples = None if shapes is None else [
+            [None if shape is None else torch.empty([n if d is None else d for d in shape], device="meta")
+             for shape in shapes] for n in _SAMPLE_POINTS]
+
+    def proxy(self, node):
+        return _ShapeProxy(node, self)
+
+    def to_bool(self, obj):
+        return bool(self._evaluate(obj.node, "branches on", bool))
+
+    def iter(self, obj):
+        return iter([obj[i] for i in range(self._evaluate(obj.node, "iterates over", len))])
+
+    def _evaluate(self, node, verb: str, fn):
+        if self.samples is None:
+            raise NotFusable(f"node {node.name!r}: the forward {verb} a value computed from the shape of its "
+                             f"input; explain(f, x) with an example input, or the call itself, tells whether the "
+                             f"fused path serves that shape")
+        values = []
+        for sample in self.samples:
+            try:
+                values.append(fn(self._meta_value(node, sample, {})))
+            except NotFusable:
+                raise
+            except Exception as e:
+                raise NotFusable(f"node {node.name!r}: the forward {verb} a value that is not computed from "
+                                 f"shapes alone ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                 f"the fused path needs control flow that is the same for every point") from None
+        if values[0] != values[1]:
+            raise NotFusable(f"node {node.name!r}: the forward {verb} a value that depends on the number of points "
+                             f"({values[0]!r} for {_SAMPLE_POINTS[0]}, {values[1]!r} for {_SAMPLE_POINTS[1]}); the "
+                             f"fused path needs control flow that is the same for every number of points")
+        return values[0]
+
+    def _meta_value(self, node, sample, env):
+        if node.name in env:
+            return env[node.name]
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs),
+                                             lambda n: self._meta_value(n, sample, env))
+        if node.op == "placeholder":
+            index = [n for n in self.graph.nodes if n.op == "placeholder"].index(node)
+            if index >= len(sample) or sample[index] is None:
+                raise NotFusable(f"node {node.name!r}: control flow on the argument {node.target!r}, which "
+                                 f"torchjac does not pass")
+            value = sample[index]
+        elif node.op == "get_attr":
+            value = operator.attrgetter(node.target)(self.root)
+            value = value.to("meta") if torch.is_tensor(value) else value
+        elif node.op == "call_function":
+            value = node.target(*args, **kwargs)
+        elif node.op == "call_method":
+            value = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:  # a module's call would be traced again, and modules rarely compute shapes
+            raise NotFusable(f"node {node.name!r}: control flow on the output of the module {node.target!r}")
+        env[node.name] = value
+        return value
+
+
+class _ShapeProxy(torch.fx.Proxy):
+    """A proxy whose len() is evaluated as _ShapeTracer's branches are (``*shape[:-1]`` asks for it)."""
+
+    def __len__(self):
+        return self.tracer._evaluate(self.node, "takes the length of", len)
+
+
+def _trace(module: nn.Module, concrete: dict, shapes=None):
     """(graph, constants): torch.fx's graph of module and the tensor constants it captured, by name.
 
     torch.fx keeps a tensor it meets that is no parameter or buffer (a frequency band held by a plain
     object) by assigning it to the module as ``_tensor_constant<i>``; those attributes are taken back off,
     so recognizing a model leaves it as it was.
     """
-    tracer = torch.fx.Tracer()
+    tracer = _ShapeTracer(module, shapes)
     before = set(vars(module))
     try:
         graph = tracer.trace(module, concrete_args=concrete or None)
@@ -770,9 +924,10 @@ def _trace(module: nn.Module, concrete: dict):
     return graph, constants
 
 
-def recognize(module: nn.Module, has_cond: bool, ndim: Optional[int] = None) -> Recipe:
+def recognize(module: nn.Module, has_cond: bool, ndim: Optional[int] = None, shapes=None) -> Recipe:
     """The recipe of a user-written MLP module called as module(x) or module(x, cond), x with ndim dims
-    (None: unknown, so only dim=-1 is the feature dim)."""
+    (None: unknown, so only dim=-1 is the feature dim). shapes: those of x and cond, None for the dims that
+    count points, for control flow on shapes; None when they are not known."""
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
@@ -794,19 +949,22 @@ def recognize(module: nn.Module, has_cond: bool, ndim: Optional[int] = None) -> 
         if p.kind is inspect.Parameter.VAR_POSITIONAL:  # torchjac passes nothing through *args
             concrete[p.name] = ()
     try:
-        graph, constants = _trace(module, concrete)
+        graph, constants = _trace(module, concrete, shapes)
+        widths = {} if shapes is None else dict(zip(("x", "cond"), (shape[-1] if shape else 1 for shape in shapes)))
+    except NotFusable:
+        raise
     except Exception as e:  # tracing fails on data-dependent control flow and the like
         raise NotFusable(f"torch.fx could not trace {type(module).__name__}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
     try:
-        return _interpret(module, graph, n_args, ndim, constants, cond_linears=False)
+        return _interpret(module, graph, n_args, ndim, constants, cond_linears=False, widths=widths)
     except NotFusable as first:
         if not has_cond:
             raise
         # A Linear of cond alone is a layer of the MLP (x joining later), or it computes a modulation
         # (FiLM's gamma(cond)): the second reading is tried where the first does not fit.
         try:
-            return _interpret(module, graph, n_args, ndim, constants, cond_linears=True)
+            return _interpret(module, graph, n_args, ndim, constants, cond_linears=True, widths=widths)
         except NotFusable as second:
             if str(second) == str(first):
                 raise first from None
@@ -814,8 +972,8 @@ def recognize(module: nn.Module, has_cond: bool, ndim: Optional[int] = None) -> 
                              f"{second}") from None
 
 
-def _interpret(module, graph, n_args, ndim, constants, cond_linears) -> Recipe:
-    interpreter = _Interpreter(module, n_args, ndim, constants, cond_linears)
+def _interpret(module, graph, n_args, ndim, constants, cond_linears, widths=None) -> Recipe:
+    interpreter = _Interpreter(module, n_args, ndim, constants, cond_linears, widths)
     result = interpreter.run(graph)
     if not interpreter.layers:
         raise NotFusable(f"{type(module).__name__} has no Linear layer")
