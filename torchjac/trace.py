@@ -13,6 +13,10 @@ SIREN's BatchLinear), be scaled and shifted by values computed from cond alone
 or mix Linear layers of one input (FFJORD's blend); the computations on cond are
 recorded as the recipe's cond program (torchjac/cond_program.py).
 
+The forward may branch on, or unpack, values computed from the input's shape alone (DeepSDF): those are
+evaluated on meta tensors of the call's shapes (``_ShapeTracer``), and nodes the output never reads are
+skipped, in-place ones excepted.
+
 The result is a *recipe*: plain Python values naming the Linear submodules or
 parameters, the column blocks each layer reads, the activation after it, the
 constant scales, the encoding's frequencies, the output rows and the cond
