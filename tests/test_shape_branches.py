@@ -99,17 +99,21 @@ def _runs_fused(f, x, cond=None):
     return bool(seen & FUSED_OPS)
 
 
-@pytest.mark.parametrize("width", [3, 5])
-def test_a_branch_on_the_input_width_is_fused_for_that_width(width):
-    torch.manual_seed(0)
-    f = WidthBranch().double()
-    x = _points(11, width)
+def _assert_fused_and_exact(f, x):
     assert torchjac.explain(f, x).path == "fused"
     assert _runs_fused(f, x)
     y_ref, jac_ref = oracle_jacobian(f, x)
     y, jac = torchjac.jacobian(f, x, return_output=True)
     assert_close64(jac, jac_ref)
     assert_close64(y, y_ref)
+
+
+@pytest.mark.parametrize("width", [3, 5])
+def test_a_branch_on_the_input_width_is_fused_for_that_width(width):
+    torch.manual_seed(0)
+    f = WidthBranch().double()
+    x = _points(11, width)
+    _assert_fused_and_exact(f, x)
 
 
 def test_explain_without_an_example_asks_for_one():
@@ -182,12 +186,7 @@ def test_deepsdf_decoder_called_on_its_concatenated_input():
     """The decoder as DeepSDF's code calls it, on cat([latent, xyz]) per point; J w.r.t. all 11 inputs."""
     decoder = _deepsdf()
     x = _points(13, 11)
-    assert torchjac.explain(decoder, x).path == "fused"
-    assert _runs_fused(decoder, x)
-    y_ref, jac_ref = oracle_jacobian(decoder, x)
-    y, jac = torchjac.jacobian(decoder, x, return_output=True)
-    assert_close64(jac, jac_ref)
-    assert_close64(y, y_ref)
+    _assert_fused_and_exact(decoder, x)
 
 
 @pytest.mark.parametrize("kw", [dict(latent_dropout=True), dict(weight_norm=False, norm_layers=()),
