@@ -11,6 +11,9 @@ Rows (float32, 2 threads by default; the models come from tests/zoo.py where it 
   neus      zoo.NeuSSDFNetwork as published (positional encoding multires 6, 3-256x8-257, skip into layer 4,
             old weight_norm), 4,096 points: the sdf's gradient (torchjac.jacobian with outputs=slice(0, 1)
             against NeuS's own gradient(), autograd.grad of f(x)[:, :1]) and its eikonal step;
+  deepsdf   zoo.DeepSDFDecoder as DeepSDF's experiments configure it (latent 256, 8 x 512, latent and xyz into
+            layer 4, weight_norm, eval) with one shape code as cond, 4,096 points: the gradient w.r.t. xyz
+            against autograd.grad (DeepSDF's normals) and an eikonal step against its create_graph version;
   siren     zoo.Siren 3-256x3-1 (its .net, since Siren.forward detaches the points), 16,384 points
             each: the gradient (torchjac.jacobian against autograd.grad of f(x).sum()) and one eikonal
             training step, loss = mean((|grad| - 1)^2) + mean(|f(x)|), against its create_graph version;
@@ -200,9 +203,14 @@ class Row:
     build: Callable       # () -> the model (float32, seeded)
     points: int
     groups: Dict[str, Group]
-    # "points", "cnf" (cond = time per point, noise), "ode" (one time t, noise) or "channels_first" (B, 3, N)
+    # "points", "cnf" (cond = time per point, noise), "ode" (one time t, noise), "latent" (one shape code)
+    # or "channels_first" (B, 3, N)
     kind: str = "points"
     d: int = 3  # the points' features
+    # ReLU's kinks: a float32 pre-activation on the other side of 0 than float64's flips a slope, which moves
+    # a point's derivative by far more than rounding (the baseline's too), so the check runs every method in
+    # float64 instead
+    check_float64: bool = False
 
 
 def sdf_groups():
@@ -238,6 +246,32 @@ def neus_groups():
         "eikonal step": Group({"torchjac": lambda f, b: eikonal(*torchjac.jacobian(f, b.x, outputs=slice(0, 1),
                                                                                  return_output=True)),
                                "autograd_create_graph": lambda f, b: eikonal(*neus_gradient(f, b.x, True))},
+                              reference="autograd_create_graph"),
+    }
+
+
+def deepsdf_net():
+    """DeepSDF's decoder as its experiments configure it (latent 256, 8 x 512, latent and xyz into layer 4,
+    weight_norm, dropout, eval mode), fed one shape code for all points as LatentSDF does."""
+    decoder = zoo.DeepSDFDecoder(latent_size=256, dims=[512] * 8, dropout=tuple(range(8)),
+                                 norm_layers=tuple(range(8)), latent_in=(4,))
+    return zoo.LatentSDF(decoder).eval()
+
+
+def with_code(f, b):
+    """The field of the points alone, the shape code b.cond fixed: what DeepSDF differentiates for normals."""
+    return lambda p: f(p, b.cond)
+
+
+def deepsdf_groups():
+    return {
+        "gradient": Group({"torchjac": lambda f, b: torchjac.jacobian(f, b.x, cond=b.cond),
+                           "autograd_grad": lambda f, b: autograd_sdf(with_code(f, b), b.x)[1]},
+                          expected=lambda J, b: J),
+        "eikonal step": Group({"torchjac": lambda f, b: eikonal(*torchjac.jacobian(f, b.x, cond=b.cond,
+                                                                                 return_output=True)),
+                               "autograd_create_graph": lambda f, b: eikonal(*autograd_sdf(with_code(f, b), b.x,
+                                                                                           True))},
                               reference="autograd_create_graph"),
     }
 
@@ -427,6 +461,8 @@ ROWS = {
     "neus": Row("zoo.NeuSSDFNetwork as published: multires 6, 3-256x8-257, skip into layer 4, weight_norm",
                 lambda: zoo.NeuSSDFNetwork(d_feature=256, width=256, n_layers=8, skip_in=(4,), multires=6),
                 4096, neus_groups()),
+    "deepsdf": Row("zoo.DeepSDFDecoder as DeepSDF's experiments: latent 256, 8 x 512, latent_in (4,), "
+                   "weight_norm, eval; one shape code as cond", deepsdf_net, 4096, deepsdf_groups(), "latent", check_float64=True),
     "siren": Row("zoo.Siren(3, 256, 3, 1).net", lambda: zoo.Siren(3, 256, 3, 1).net, 16384, sdf_groups()),
     "cnf": Row("CNF dynamics 3+1-256x3-3 Tanh, t.expand(x.shape[0], 1)", ODEFunc, 16384, cnf_groups(), "cnf"),
     "cnf_ffjord": Row("CNF dynamics 3+1-256x3-3 Tanh, ones_like(x[:, :1]) * t", FFJORDODEFunc, 16384,
@@ -458,6 +494,8 @@ def make_batch(row, points, dtype=torch.float32):
     if row.kind == "points":
         return Batch(x)
     noise = (torch.randint(0, 2, (points, row.d), generator=g) * 2 - 1).to(dtype)
+    if row.kind == "latent":  # one shape code for all points
+        return Batch(x, 0.1 * torch.randn(1, 256, generator=g).to(dtype))
     if row.kind == "ode":  # FFJORD's odeint passes one t
         return Batch(x, torch.tensor([0.5], dtype=dtype), noise)
     return Batch(x, torch.full((points, 1), 0.5, dtype=dtype), noise)
@@ -465,6 +503,8 @@ def make_batch(row, points, dtype=torch.float32):
 
 def oracle_jacobian(f, b):
     """vmap(jacrev) (jacfwd for the channels-first model) of the float64 model, each point a batch of one."""
+    if b.cond is not None and b.cond.shape[0] != b.x.shape[0]:  # one code shared by all points
+        return vmap(jacrev(lambda p: f(p[None], b.cond)[0]), chunk_size=1024)(b.x)
     if b.cond is not None:
         return vmap(jacrev(lambda p, t: f(p[None], t[None])[0]), chunk_size=4096)(b.x, b.cond)
     if b.x.dim() == 3:  # jacfwd: vmap(jacrev) through eval BatchNorm1d takes minutes and tens of GB here
@@ -476,7 +516,7 @@ def explain(row_name):
     """explain()'s path for the row's model, and whether a torchjac op actually ran."""
     row = ROWS[row_name]
     f, b = build(row), make_batch(row, 8)
-    why = torchjac.explain(f, cond=b.cond is not None, x_arg="y" if row.kind == "ode" else None)
+    why = torchjac.explain(f, b.x, cond=b.cond, x_arg="y" if row.kind == "ode" else None)
     with ops_seen() as seen, torch.no_grad():
         next(iter(row.groups.values())).methods["torchjac"](f, b)
     ran = "fused" if any(op.startswith("torchjac.") for op in seen) else "generic"
@@ -528,8 +568,9 @@ def measure(row, points, repeats):
             if oracle not in oracles:
                 oracles[oracle] = oracle(f64, b64).detach()
             expected = group.expected(oracles[oracle], b64)
+            fc, bc = (f64, b64) if row.check_float64 else (f, b)
             for name, fn in group.methods.items():
-                check(f"{gname} / {name}", step(group, fn, f, b).reshape(expected.shape), expected)
+                check(f"{gname} / {name}", step(group, fn, fc, bc).reshape(expected.shape), expected)
         out[gname] = {name: timeit(lambda fn=fn: step(group, fn, f, b), repeats)
                       for name, fn in group.methods.items()}
     return out
