@@ -806,7 +806,7 @@ def _used_nodes(graph: torch.fx.Graph) -> set:
     """The nodes the output reads, and any that may change a tensor in place (never skipped: they are refused)."""
     def in_place(node):
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        return node.op == "output" or node.target in _IN_PLACE_FUNCTIONS or (
+        return node.op == "output" or node.target in _IN_PLACE_FUNCTIONS or "out" in node.kwargs or (
             node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("__"))
 
     used, stack = set(), [n for n in graph.nodes if in_place(n)]
