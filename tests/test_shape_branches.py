@@ -29,12 +29,13 @@ class WidthBranch(nn.Module):
 class PointCountBranch(nn.Module):
     """Branches on the number of points: not one function of each point."""
 
-    def __init__(self):
+    def __init__(self, threshold=6):
         super().__init__()
+        self.threshold = threshold
         self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
 
     def forward(self, x):
-        return self.a(x) if x.shape[0] > 6 else self.b(x)
+        return self.a(x) if x.shape[0] > self.threshold else self.b(x)
 
 
 class ValueBranch(nn.Module):
@@ -158,6 +159,17 @@ def test_a_code_expanded_with_the_unpacked_shape_is_fused(code_shape):
     assert torchjac.explain(f, x, cond=code).path == "fused"
     assert _runs_fused(f, x, code)
     assert_close64(torchjac.jacobian(f, x, cond=code), oracle_jacobian(f, x, code.expand(2, 5, 4))[1])
+
+
+def test_a_branch_on_a_point_count_no_sample_separates_is_told_by_the_call():
+    """Above the two sampled point counts (5 and 7) both take one side; a call of 200 points takes the other."""
+    torch.manual_seed(0)
+    f = PointCountBranch(threshold=100).double()
+    x = _points(200, 3).requires_grad_()
+    why = torchjac.explain(f, x)
+    assert why.path == "generic" and "depends on the number of points" in why.detail, why
+    assert not _runs_fused(f, x)
+    assert_close64(torchjac.jacobian(f, x), autograd_jacobian(f, x)[1])
 
 
 @pytest.mark.parametrize("model, node", [(InPlaceUnused, "mul_"), (WrittenThroughOut, "mul")])

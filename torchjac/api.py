@@ -568,7 +568,7 @@ def explain(f, x: Optional[torch.Tensor] = None, *, cond=False, ndim: int = 2, x
     shape (DeepSDF) needs; ndim is then x's.
     """
     has_cond = cond is not None and cond is not False
-    shapes = None
+    shapes = call = None
     if x is not None:
         if not torch.is_tensor(x):
             raise TypeError(f"torchjac.explain: x expected an example input tensor, got {type(x).__name__}")
@@ -576,6 +576,6 @@ def explain(f, x: Optional[torch.Tensor] = None, *, cond=False, ndim: int = 2, x
             raise TypeError(f"torchjac.explain: with an example x, cond expected an example tensor too (or None), "
                             f"got {cond!r}")
         ndim = x.dim()
-        shapes = spec_lib.call_shapes(x, cond if has_cond else None,
-                                      (cond.shape[-1] if cond.dim() else 1) if has_cond else 0)
-    return Explanation(*spec_lib.explain(_place_x("explain", f, x_arg, has_cond), has_cond, ndim, shapes))
+        shapes, call = spec_lib.call_shapes(x, cond if has_cond else None,
+                                            (cond.shape[-1] if cond.dim() else 1) if has_cond else 0)
+    return Explanation(*spec_lib.explain(_place_x("explain", f, x_arg, has_cond), has_cond, ndim, shapes, call))

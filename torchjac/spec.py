@@ -347,29 +347,32 @@ class Recognition(NamedTuple):
 
 
 @torch.compiler.assume_constant_result
-def _recognize(f: nn.Module, has_cond: bool, ndim: Optional[int] = None, shapes=None) -> Recognition:
+def _recognize(f: nn.Module, has_cond: bool, ndim: Optional[int] = None, shapes=None, call=None) -> Recognition:
     # Evaluated once while torch.compile traces: the result is plain Python values. It returns, never
     # raises, the reason a model is not recognized: torch.compile cannot trace an exception out of here.
     try:
-        return Recognition(recognize(f, has_cond, ndim, shapes), "")
+        return Recognition(recognize(f, has_cond, ndim, shapes, call), "")
     except NotFusable as e:
         return Recognition(None, str(e))
 
 
 def call_shapes(x: torch.Tensor, cond: Optional[torch.Tensor], cond_features: int) -> tuple:
-    """The shapes of x and cond that recognition may specialize on (trace.recognize): their feature widths and
-    dims, None for each dim that counts points; a cond shared by all points as it is."""
+    """(shapes, call): the shapes of x and cond that recognition may specialize on (trace.recognize), their
+    feature widths and dims with None for each dim that counts points, a cond shared by all points as it is;
+    and the call's own shapes, or None under torch.compile, where one recipe serves every number of points."""
     def points(t, features):
         return (None,) * (t.dim() - 1) + (int(features),)
 
+    tensors = (x,) if cond is None else (x, cond)
+    call = None if torch.compiler.is_compiling() else tuple(tuple(t.shape) for t in tensors)
     if cond is None:
-        return (points(x, x.shape[-1]),)
+        return (points(x, x.shape[-1]),), call
     shared = cond.numel() == cond_features
-    return points(x, x.shape[-1]), tuple(int(n) for n in cond.shape) if shared else points(cond, cond_features)
+    return (points(x, x.shape[-1]), tuple(int(n) for n in cond.shape) if shared else points(cond, cond_features)), call
 
 
-def _recipe(f: nn.Module, has_cond: bool, ndim: int, shapes=None) -> Recipe:
-    recognition = _recognize(f, has_cond, ndim, shapes)
+def _recipe(f: nn.Module, has_cond: bool, ndim: int, shapes=None, call=None) -> Recipe:
+    recognition = _recognize(f, has_cond, ndim, shapes, call)
     if recognition.recipe is None:
         raise NotFusable(recognition.reason)
     return recognition.recipe
@@ -494,14 +497,16 @@ def lower(f, x: torch.Tensor, cond_features: int, cond: Optional[torch.Tensor] =
             raise NotFusable(unsupported)
         # Any other Sequential is called on cat([x, cond]) too: a recipe of one input, whose columns
         # are those of x and then cond.
-        spec = from_recipe(f, _recipe(f, False, x.dim(), ((None,) * (x.dim() - 1) + (d_in + cond_features,),)),
+        joined = x.shape[:-1] + (d_in + cond_features,)  # the cat([x, cond]) the Sequential is called on
+        call = None if torch.compiler.is_compiling() else (tuple(joined),)
+        spec = from_recipe(f, _recipe(f, False, x.dim(), ((None,) * (x.dim() - 1) + (d_in + cond_features,),), call),
                            d_in + cond_features, 0)
         if spec.encoding is not None and cond_features:  # it would encode cond too
             raise NotFusable(f"{type(f).__name__} encodes its input, which torchjac makes cat([x, cond]); pass "
                              f"`lambda x, cond: model(torch.cat([x, cond], -1))` to the generic path, or a "
                              f"module that takes (x, cond)")
         return spec._replace(d_in=d_in, cond_features=cond_features)
-    recipe = _recipe(f, cond_features > 0, x.dim(), call_shapes(x, cond if cond_features else None, cond_features))
+    recipe = _recipe(f, cond_features > 0, x.dim(), *call_shapes(x, cond if cond_features else None, cond_features))
     if recipe.cond_program and cond.numel() != cond_features:
         raise NotFusable(f"{type(f).__name__} computes layer weights or modulations from cond, which differs "
                          f"between points here (cond of shape {tuple(cond.shape)}); the fused path folds them into "
@@ -569,7 +574,7 @@ def _recipe_dims(f: nn.Module, recipe: Recipe, has_cond: bool) -> Tuple[Optional
     return first[0] // len(recipe.layers[0].blocks), d_out  # each block (x, enc<j>) is d_in wide
 
 
-def explain(f, has_cond: bool = False, ndim: int = 2, shapes=None) -> Tuple[str, str]:
+def explain(f, has_cond: bool = False, ndim: int = 2, shapes=None, call=None) -> Tuple[str, str]:
     """(path, detail) for f: which path computes it, why not the fused one, and the fused jacobian's direction.
     ndim: x.dim() of the call, which positive dims in the forward refer to; shapes: call_shapes of the call,
     if known."""
@@ -596,8 +601,10 @@ def explain(f, has_cond: bool = False, ndim: int = 2, shapes=None) -> Tuple[str,
                              if channels_first else "nn.Sequential") + note
         if channels_first:  # the generic path needs features in the last dim
             return "refused", unsupported + "; a channels-first Conv1d stack has no generic fallback"
-        joined = None if shapes is None else (shapes[0][:-1] + (sum(shape[-1] if shape else 1 for shape in shapes),),)
-        recognition = _recognize(f, False, ndim, joined)
+        def joined(inputs):  # the one input cat([x, cond]) of a Sequential
+            return None if inputs is None else (inputs[0][:-1] + (sum(s[-1] if s else 1 for s in inputs),),)
+
+        recognition = _recognize(f, False, ndim, joined(shapes), joined(call))
         if recognition.recipe is None:
             # torch.fx only adds news when it traced into something written by the user
             user_written = not is_plain_sequential(f) or any(
@@ -605,7 +612,7 @@ def explain(f, has_cond: bool = False, ndim: int = 2, shapes=None) -> Tuple[str,
             return "generic", f"{unsupported}, and {recognition.reason}" if user_written else unsupported
         return "fused", _recipe_detail(f, recognition.recipe) + _direction_note(
             *_recipe_dims(f, recognition.recipe, has_cond), bool(recognition.recipe.encoding))
-    recognition = _recognize(f, has_cond, ndim, shapes)
+    recognition = _recognize(f, has_cond, ndim, shapes, call)
     if recognition.recipe is None:
         return "generic", recognition.reason
     d_in, d_out = _recipe_dims(f, recognition.recipe, has_cond)

@@ -805,7 +805,7 @@ _IN_PLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.
 def _used_nodes(graph: torch.fx.Graph) -> set:
     """The nodes the output reads, and any that may change a tensor in place (never skipped: they are refused)."""
     def in_place(node):
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        name = _target_name(node)
         return node.op == "output" or node.target in _IN_PLACE_FUNCTIONS or "out" in node.kwargs or (
             node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("__"))
 
@@ -831,17 +831,21 @@ class _ShapeTracer(torch.fx.Tracer):
     """torch.fx's tracer, which may also take a branch or unpack a sequence that depends on shapes alone (DeepSDF's
     ``if input.shape[1] > 3``, ``latent.expand(*xyz.shape[:-1], n)``).
 
-    Such a value is evaluated on meta tensors of the call's shapes at two numbers of points, so a value of a
-    tensor is never read. It is refused where the shapes are not known or it differs between the two.
+    Such a value is evaluated on meta tensors of the call's shapes at two numbers of points, and at the call's
+    own where it is known (not under torch.compile, whose recipe serves every number of points), so a value of a
+    tensor is never read. It is refused where the shapes are not known or it differs between those.
     """
 
-    def __init__(self, root: nn.Module, shapes):
+    def __init__(self, root: nn.Module, shapes, call=None):
         super().__init__()
         self.root = root
-        # shapes: one tuple per input (x, cond), None for the dims that count points; None: unknown
-        self.samples = None if shapes is None else [
-            [None if shape is None else torch.empty([n if d is None else d for d in shape], device="meta")
-             for shape in shapes] for n in _SAMPLE_POINTS]
+        # shapes: one tuple per input (x, cond), None for the dims that count points; None: unknown.
+        # call: the call's own shapes, or None.
+        samples = [] if shapes is None else [[[n if d is None else d for d in shape] for shape in shapes]
+                                             for n in _SAMPLE_POINTS]
+        if shapes is not None and call is not None:
+            samples.append(call)
+        self.samples = [[torch.empty(shape, device="meta") for shape in sample] for sample in samples] or None
 
     def proxy(self, node):
         return _ShapeProxy(node, self)
@@ -867,10 +871,10 @@ class _ShapeTracer(torch.fx.Tracer):
                 raise NotFusable(f"node {node.name!r}: the forward {verb} a value that is not computed from "
                                  f"shapes alone ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                                  f"the fused path needs control flow that is the same for every point") from None
-        if values[0] != values[1]:
+        if any(v != values[0] for v in values):
             raise NotFusable(f"node {node.name!r}: the forward {verb} a value that depends on the number of points "
-                             f"({values[0]!r} for {_SAMPLE_POINTS[0]}, {values[1]!r} for {_SAMPLE_POINTS[1]}); the "
-                             f"fused path needs control flow that is the same for every number of points")
+                             f"({', '.join(map(repr, values))} for {len(values)} numbers of points); the fused path "
+                             f"needs control flow that is the same for every number of points")
         return values[0]
 
     def _meta_value(self, node, sample, env):
@@ -880,7 +884,7 @@ class _ShapeTracer(torch.fx.Tracer):
                                              lambda n: self._meta_value(n, sample, env))
         if node.op == "placeholder":
             index = [n for n in self.graph.nodes if n.op == "placeholder"].index(node)
-            if index >= len(sample) or sample[index] is None:
+            if index >= len(sample):
                 raise NotFusable(f"node {node.name!r}: control flow on the argument {node.target!r}, which "
                                  f"torchjac does not pass")
             value = sample[index]
@@ -904,14 +908,14 @@ class _ShapeProxy(torch.fx.Proxy):
         return self.tracer._evaluate(self.node, "takes the length of", len)
 
 
-def _trace(module: nn.Module, concrete: dict, shapes=None):
+def _trace(module: nn.Module, concrete: dict, shapes=None, call=None):
     """(graph, constants): torch.fx's graph of module and the tensor constants it captured, by name.
 
     torch.fx keeps a tensor it meets that is no parameter or buffer (a frequency band held by a plain
     object) by assigning it to the module as ``_tensor_constant<i>``; those attributes are taken back off,
     so recognizing a model leaves it as it was.
     """
-    tracer = _ShapeTracer(module, shapes)
+    tracer = _ShapeTracer(module, shapes, call)
     before = set(vars(module))
     try:
         graph = tracer.trace(module, concrete_args=concrete or None)
@@ -928,10 +932,11 @@ def _trace(module: nn.Module, concrete: dict, shapes=None):
     return graph, constants
 
 
-def recognize(module: nn.Module, has_cond: bool, ndim: Optional[int] = None, shapes=None) -> Recipe:
+def recognize(module: nn.Module, has_cond: bool, ndim: Optional[int] = None, shapes=None, call=None) -> Recipe:
     """The recipe of a user-written MLP module called as module(x) or module(x, cond), x with ndim dims
     (None: unknown, so only dim=-1 is the feature dim). shapes: those of x and cond, None for the dims that
-    count points, for control flow on shapes; None when they are not known."""
+    count points, for control flow on shapes; None when they are not known. call: the call's own shapes, where
+    the recipe serves that call alone."""
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
@@ -953,7 +958,7 @@ def recognize(module: nn.Module, has_cond: bool, ndim: Optional[int] = None, sha
         if p.kind is inspect.Parameter.VAR_POSITIONAL:  # torchjac passes nothing through *args
             concrete[p.name] = ()
     try:
-        graph, constants = _trace(module, concrete, shapes)
+        graph, constants = _trace(module, concrete, shapes, call)
         widths = {} if shapes is None else dict(zip(("x", "cond"), (shape[-1] if shape else 1 for shape in shapes)))
     except NotFusable:
         raise
