@@ -74,12 +74,40 @@ DIVERGENT_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("name,message", [
     ("barrier_in_branch", "divergent barrier"),
     ("two_barriers", "divergent barrier"),
+    ("wmma_divergent", "divergent warp: lane 0 of warp 0 waits in a warp collective"),
+    ("wmma_misaligned", "store_matrix_sync: the pointer is not 256-bit aligned"),
 ])
 def test_divergent_barriers_are_fatal(name, message):
     script = DIVERGENT_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), name=name)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
+
+
+def test_wmma_product_is_exact_under_any_fragment_mapping():
+    """A 16x8 by 8x16 TF32 product of small integers through fragments equals the exact product, under two mappings."""
+    assert emu.selftest("wmma_product") == "exact"
+
+
+def test_code_that_assumes_a_fragment_mapping_is_caught():
+    """Reading x[0] as a fixed matrix element gives different results under two random mappings."""
+    assert emu.selftest("wmma_assumed_mapping") == "differ"
+
+
+def test_fragment_seed_is_random_per_run():
+    """Two processes draw different fragment mappings unless TORCHJAC_EMU_FRAGMENT_SEED fixes one."""
+    script = ("import sys, torch; sys.path.insert(0, {tests!r}); from cuda_emulation import build; build.load(); "
+              "print(torch.ops.torchjac_emu.fragment_seed())").format(tests=os.path.dirname(os.path.abspath(__file__)))
+
+    unset = {k: v for k, v in os.environ.items() if k != "TORCHJAC_EMU_FRAGMENT_SEED"}
+
+    def seed(env):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split()[-1])
+
+    assert seed(unset) != seed(unset)
+    assert seed({**unset, "TORCHJAC_EMU_FRAGMENT_SEED": "42"}) == 42
 
 
 def test_kernels_launch_on_the_current_stream():

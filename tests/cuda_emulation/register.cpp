@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include <mma.h>
+
 #include "activations.cuh"
 #include "launch.cuh"
 #include "runtime.h"
@@ -46,6 +48,9 @@ std::vector<at::Tensor> tensors_of(const c10::IValue& v) {
   TORCH_CHECK(false, "cuda emulation: unexpected output type ", v.tagKind());
 }
 
+// Each schedule also runs under its own fragment element mapping (include/mma.h).
+const uint64_t base_fragment_seed = cuda_emu::fragment_seed();
+
 void check_equal(const std::string& op, int schedule, const std::vector<c10::IValue>& first,
                  const std::vector<c10::IValue>& other) {
   TORCH_CHECK(first.size() == other.size(), "cuda emulation: ", op, " returned a different number of outputs");
@@ -54,8 +59,9 @@ void check_equal(const std::string& op, int schedule, const std::vector<c10::IVa
     TORCH_CHECK(a.size() == b.size(), "cuda emulation: ", op, " output ", i, " differs in length between schedules");
     for (size_t j = 0; j < a.size(); ++j) {
       TORCH_CHECK(bitwise_equal(a[j], b[j]), "cuda emulation: ", op, " output ", i, "[", j,
-                  "] differs between schedule 0 (forward order) and schedule ", schedule,
-                  ": a race between threads or blocks");
+                  "] differs between schedule 0 (forward order, fragment seed ", base_fragment_seed,
+                  ") and schedule ", schedule, " (fragment seed ", base_fragment_seed + schedule,
+                  "): a race between threads or blocks, or code that assumes a WMMA fragment's element mapping");
     }
   }
 }
@@ -77,6 +83,7 @@ struct NanFilledOutputs {
     ctx.setDeterministicAlgorithms(det, warn_only);
     ctx.setDeterministicFillUninitializedMemory(fill);
     cuda_emu::set_schedule(cuda_emu::Schedule::kForward);
+    cuda_emu::set_fragment_seed(base_fragment_seed);
   }
 };
 
@@ -97,6 +104,7 @@ void run_under_schedules(const c10::OperatorHandle& op, torch::jit::Stack* stack
     for (int s = 0; s < num_schedules; ++s) {
       torch::jit::Stack run(args.begin(), args.end());
       cuda_emu::set_schedule(static_cast<cuda_emu::Schedule>(s), /*seed=*/12345);
+      cuda_emu::set_fragment_seed(base_fragment_seed + s);
       emu.callBoxed(&run);
       if (s == 0) {
         first = std::move(run);
@@ -169,6 +177,32 @@ __global__ void two_barriers_kernel() {
   }
 }
 
+// One warp: D = A B (16 x 8 by 8 x 16, TF32) through WMMA fragments, as the kernels use them.
+__global__ void wmma_product_kernel(const float* a, const float* b, float* d) {
+  namespace wmma = nvcuda::wmma;
+  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  wmma::load_matrix_sync(fa, a, 8);
+  wmma::load_matrix_sync(fb, b, 8);
+  wmma::mma_sync(acc, fa, fb, acc);
+  wmma::store_matrix_sync(d, acc, 16, wmma::mem_row_major);
+}
+
+// Wrong on purpose: takes lane l's x[0] to be element (l / 2, 8 * (l % 2)) of the accumulator.
+__global__ void wmma_assumed_mapping_kernel(const float* c, float* out) {
+  namespace wmma = nvcuda::wmma;
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+  wmma::load_matrix_sync(acc, c, 16, wmma::mem_row_major);
+  out[threadIdx.x] = acc.x[0];
+}
+
+// Only half of the warp reaches the MMA.
+__global__ void wmma_divergent_kernel(const float* a, const float* b, float* d) {
+  if (threadIdx.x < 16) wmma_product_kernel(a, b, d);
+}
+
 __global__ void empty_kernel() {}
 __global__ void big_smem_kernel() {}
 
@@ -193,6 +227,45 @@ std::string selftest(const std::string& name) {
     cuda_emu::set_schedule(cuda_emu::Schedule::kForward);
     TORCH_CHECK(cudaGetLastError() == cudaSuccess, cuda_emu::last_error_detail());
     return std::memcmp(forward.data(), reverse.data(), 64 * sizeof(float)) == 0 ? "equal" : "differ";
+  }
+  if (name == "wmma_product" || name == "wmma_assumed_mapping" || name == "wmma_divergent" ||
+      name == "wmma_misaligned") {
+    // Small integers: every product and sum is exact in TF32 and FP32.
+    alignas(32) float a[16 * 8], b[8 * 16], d[16 * 16 + 8], c[16 * 16], out[2][32];
+    for (int i = 0; i < 16 * 8; ++i) a[i] = static_cast<float>(i % 7) - 3.0f;
+    for (int i = 0; i < 8 * 16; ++i) b[i] = static_cast<float>(i % 5) - 2.0f;
+    for (int i = 0; i < 16 * 16; ++i) c[i] = static_cast<float>(i);
+    const uint64_t seed = cuda_emu::fragment_seed();
+    std::string result;
+    if (name == "wmma_product") {  // under two fragment mappings
+      bool exact = true;
+      for (int s = 0; s < 2; ++s) {
+        cuda_emu::set_fragment_seed(seed + 1000 + s);
+        TORCHJAC_LAUNCH(1, 32, 0, stream, wmma_product_kernel)(a, b, d);
+        for (int r = 0; r < 16; ++r)
+          for (int n = 0; n < 16; ++n) {
+            float want = 0.0f;  // b is column-major: B(k, n) = b[n * 8 + k]
+            for (int k = 0; k < 8; ++k) want += a[r * 8 + k] * b[n * 8 + k];
+            exact = exact && d[r * 16 + n] == want;
+          }
+      }
+      result = exact ? "exact" : "wrong";
+    } else if (name == "wmma_assumed_mapping") {
+      for (int s = 0; s < 2; ++s) {
+        cuda_emu::set_fragment_seed(seed + 1000 + s);
+        TORCHJAC_LAUNCH(1, 32, 0, stream, wmma_assumed_mapping_kernel)(c, out[s]);
+      }
+      result = std::memcmp(out[0], out[1], sizeof(out[0])) == 0 ? "equal" : "differ";
+    } else if (name == "wmma_divergent") {
+      TORCHJAC_LAUNCH(1, 32, 0, stream, wmma_divergent_kernel)(a, b, d);
+      result = "not reached";
+    } else {
+      TORCHJAC_LAUNCH(1, 32, 0, stream, wmma_product_kernel)(a, b, d + 1);
+      result = "not reached";
+    }
+    cuda_emu::set_fragment_seed(seed);
+    TORCH_CHECK(cudaGetLastError() == cudaSuccess, cuda_emu::last_error_detail());
+    return result;
   }
   if (name == "barrier_in_branch") {
     TORCHJAC_LAUNCH(1, 64, 0, stream, barrier_in_branch_kernel)();
@@ -248,6 +321,7 @@ TORCH_LIBRARY_FRAGMENT(torchjac_emu, m) {
   m.def("stat(str name) -> int", [](std::string name) { return cuda_emu::stat(name); });
   m.def("reset_stats() -> ()", &cuda_emu::reset_stats);
   m.def("thread_backend() -> bool", &cuda_emu::thread_backend);
+  m.def("fragment_seed() -> int", [] { return static_cast<int64_t>(cuda_emu::fragment_seed()); });
   m.def("activation(int code, float p0, float p1, Tensor z) -> (Tensor value, Tensor d1, Tensor d2)", &activation);
   m.def("selftest(str name) -> str", [](std::string name) { return selftest(name); });
 }

@@ -124,7 +124,7 @@ cuda_emu_switch_stack:
 )");
 #endif
 
-enum class FiberState { kReady, kAtBarrier, kDone };
+enum class FiberState { kReady, kAtBarrier, kAtWarp, kDone };
 
 struct Fiber {
   FiberState state = FiberState::kReady;
@@ -140,6 +140,15 @@ struct Fiber {
 
 struct Block;
 thread_local Block* running_block = nullptr;
+
+// The lanes of one warp on their way through a warp_collective.
+struct Warp {
+  int arrived = 0;
+  const char* file = nullptr;
+  int line = 0;
+  void* lanes[32] = {};
+  uint64_t generation = 0;  // thread backend: completed collectives
+};
 
 struct Block {
   void (*run_thread)(void*) = nullptr;
@@ -159,6 +168,8 @@ struct Block {
   uint64_t generation = 0;
   const char* barrier_file = nullptr;
   int barrier_line = 0;
+  std::vector<Warp> warps;
+  std::condition_variable warp_cv;
 };
 
 // Fiber stacks, kept for the life of the OS thread: mapping them per launch
@@ -247,6 +258,7 @@ void order_threads(std::vector<int>& order, std::mt19937_64& rng) {
 
 void run_block_fibers(Block* b, std::mt19937_64& rng) {
   const int n = b->nthreads;
+  b->warps.assign((n + 31) / 32, Warp{});
   while (static_cast<int>(stack_pool.size()) < n) stack_pool.push_back(new_stack());
   b->fibers.assign(n, Fiber{});
   for (int i = 0; i < n; ++i) {
@@ -255,9 +267,23 @@ void run_block_fibers(Block* b, std::mt19937_64& rng) {
   }
   std::vector<int> order(n);
   for (;;) {
-    order_threads(order, rng);
-    for (int i : order)
-      if (b->fibers[i].state == FiberState::kReady) resume(b, i);
+    // Run until every thread waits at a block barrier or has returned; the
+    // last lane into a warp collective makes its warp ready again.
+    for (bool any_ready = true; any_ready;) {
+      order_threads(order, rng);
+      for (int i : order)
+        if (b->fibers[i].state == FiberState::kReady) resume(b, i);
+      any_ready = false;
+      for (const Fiber& f : b->fibers) any_ready = any_ready || f.state == FiberState::kReady;
+    }
+    for (int i = 0; i < n; ++i) {
+      const Fiber& f = b->fibers[i];
+      if (f.state == FiberState::kAtWarp) {
+        fatal("divergent warp: lane " + std::to_string(i % 32) + " of warp " + std::to_string(i / 32) +
+              " waits in a warp collective at " + site(f.barrier_file, f.barrier_line) +
+              " that some lanes of its warp never reach");
+      }
+    }
     int at_barrier = 0, done = 0, first = -1;
     for (int i = 0; i < n; ++i) {
       if (b->fibers[i].state == FiberState::kDone) {
@@ -288,6 +314,7 @@ void run_block_fibers(Block* b, std::mt19937_64& rng) {
 void run_block_threads(Block* b) {
   const int n = b->nthreads;
   b->waiting = b->exited = 0;
+  b->warps.assign((n + 31) / 32, Warp{});
   const uint3 bidx = block_idx;
   const dim3 bdim = block_dim, gdim = grid_dim;
   std::vector<std::thread> threads;
@@ -373,6 +400,57 @@ void syncthreads(const char* file, int line) {
   switch_to_scheduler(b);
   b->current = me;
 }
+
+int lane_id() {
+  return static_cast<int>((thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z)) % 32);
+}
+
+void warp_collective(const char* file, int line, void* lane_data, void (*run)(void* const* lanes)) {
+  Block* b = running_block;
+  if (b == nullptr) fatal("a warp collective outside a kernel at " + site(file, line));
+  if (b->nthreads % 32 != 0) fatal("a warp collective at " + site(file, line) + " in a block of " +
+                                   std::to_string(b->nthreads) + " threads, not whole warps");
+  const int me = static_cast<int>(thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z));
+  Warp& w = b->warps[me / 32];
+  std::unique_lock<std::mutex> lock(b->mutex, std::defer_lock);
+  if (use_threads()) lock.lock();
+  if (w.arrived == 0) {
+    w.file = file;
+    w.line = line;
+  } else if (w.line != line || std::strcmp(w.file, file) != 0) {
+    fatal("divergent warp: lanes of warp " + std::to_string(me / 32) + " wait in warp collectives at " +
+          site(w.file, w.line) + " and at " + site(file, line));
+  }
+  w.lanes[me % 32] = lane_data;
+  if (++w.arrived == 32) {
+    count("warp_collectives");
+    run(w.lanes);
+    w.arrived = 0;
+    if (use_threads()) {
+      ++w.generation;
+      b->warp_cv.notify_all();
+    } else {
+      for (int l = 0; l < 32; ++l) {
+        Fiber& f = b->fibers[me / 32 * 32 + l];
+        if (f.state == FiberState::kAtWarp) f.state = FiberState::kReady;
+      }
+    }
+    return;
+  }
+  if (use_threads()) {
+    const uint64_t gen = w.generation;
+    b->warp_cv.wait(lock, [&] { return w.generation != gen; });
+    return;
+  }
+  Fiber& f = b->fibers[b->current];
+  f.state = FiberState::kAtWarp;
+  f.barrier_file = file;
+  f.barrier_line = line;
+  switch_to_scheduler(b);
+  b->current = me;
+}
+
+void device_fatal(const std::string& what) { fatal(what); }
 
 unsigned char* dynamic_shared_memory() {
   if (running_block == nullptr) fatal("dynamic shared memory outside a kernel");
@@ -502,8 +580,14 @@ void launch_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, c
   b.run_thread = run_thread;
   b.ctx = ctx;
   b.nthreads = static_cast<int>(threads);
-  // Exactly the bytes asked for (rounded to 16), so that ASan sees overruns.
-  std::unique_ptr<unsigned char[]> smem(smem_bytes > 0 ? new unsigned char[(smem_bytes + 15) / 16 * 16] : nullptr);
+  // Exactly the bytes asked for (rounded to 16), so that ASan sees overruns;
+  // 128-byte aligned, as a device's dynamic shared memory is at least.
+  struct AlignedFree {
+    void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(128)); }
+  };
+  std::unique_ptr<unsigned char[], AlignedFree> smem(
+      smem_bytes > 0 ? static_cast<unsigned char*>(::operator new[]((smem_bytes + 15) / 16 * 16, std::align_val_t(128)))
+                     : nullptr);
   b.smem = smem.get();
   std::mt19937_64 rng(schedule_seed);
   std::vector<uint64_t> block_order(nblocks);
@@ -558,5 +642,53 @@ void reset_stats() {
 }
 
 bool thread_backend() { return use_threads(); }
+
+// ---------------------------------------------------------------------------
+// Fragment element mappings (include/mma.h).
+
+namespace {
+std::mutex fragment_mutex;
+std::atomic<uint64_t> fragment_gen{1};
+// A function-local static: other files' static initializers read it.
+uint64_t& current_fragment_seed() {
+  static uint64_t seed = [] {
+    const char* v = std::getenv("TORCHJAC_EMU_FRAGMENT_SEED");
+    return v != nullptr ? std::strtoull(v, nullptr, 10) : (uint64_t(std::random_device{}()) << 32 | std::random_device{}());
+  }();
+  return seed;
+}
+// Tables are never freed: fragments cache pointers to them per thread.
+std::map<std::pair<uint64_t, std::string>, std::unique_ptr<std::vector<int>>> fragment_tables;
+}  // namespace
+
+void set_fragment_seed(uint64_t seed) {
+  std::lock_guard<std::mutex> lock(fragment_mutex);
+  if (seed != current_fragment_seed()) {
+    current_fragment_seed() = seed;
+    ++fragment_gen;
+  }
+}
+
+uint64_t fragment_seed() {
+  std::lock_guard<std::mutex> lock(fragment_mutex);
+  return current_fragment_seed();
+}
+
+uint64_t fragment_generation() { return fragment_gen.load(std::memory_order_acquire); }
+
+const int* fragment_map(const char* kind, int size) {
+  std::lock_guard<std::mutex> lock(fragment_mutex);
+  const uint64_t seed = current_fragment_seed();
+  auto& table = fragment_tables[{seed, kind}];
+  if (!table) {
+    table = std::make_unique<std::vector<int>>(size);
+    std::iota(table->begin(), table->end(), 0);
+    const uint64_t h = std::hash<std::string>{}(kind);
+    std::seed_seq seq{uint32_t(seed), uint32_t(seed >> 32), uint32_t(h), uint32_t(h >> 32)};
+    std::mt19937_64 rng(seq);
+    std::shuffle(table->begin(), table->end(), rng);
+  }
+  return table->data();
+}
 
 }  // namespace cuda_emu

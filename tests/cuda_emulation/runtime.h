@@ -25,9 +25,15 @@ void set_current_stream(int index);
 
 // Counters of runtime calls, by name: "func_set_attribute",
 // "attribute_lowered", "occupancy_queries", "device_attribute_queries",
-// "launches", "blocks".
+// "launches", "blocks", "warp_collectives" (one per warp-wide MMA).
 int64_t stat(const std::string& name);
 void reset_stats();
+
+// The seed of the fragment element mappings of include/mma.h. The first is
+// TORCHJAC_EMU_FRAGMENT_SEED if set, else random; the registration's schedules
+// each run under their own seed (register.cpp).
+void set_fragment_seed(uint64_t seed);
+uint64_t fragment_seed();
 
 // True when blocks run as OS threads (TORCHJAC_EMU_THREADS=1, or a TSan build).
 bool thread_backend();

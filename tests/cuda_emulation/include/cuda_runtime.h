@@ -75,6 +75,18 @@ extern thread_local dim3 grid_dim;
 void syncthreads(const char* file, int line);
 unsigned char* dynamic_shared_memory();
 
+// Warp-level operations (include/mma.h). A warp is 32 consecutive threads of
+// the block. warp_collective blocks until all 32 lanes of the calling warp
+// have called it from the same site; the last to arrive runs run(lanes), where
+// lanes[l] is the `lane_data` lane l passed, then every lane goes on.
+int lane_id();
+void warp_collective(const char* file, int line, void* lane_data, void (*run)(void* const* lanes));
+// This run's fragment element mappings: a permutation of [0, size) per fragment
+// kind, drawn from the fragment seed; the generation changes with the seed.
+uint64_t fragment_generation();
+const int* fragment_map(const char* kind, int size);
+[[noreturn]] void device_fatal(const std::string& what);
+
 cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value);
 cudaError_t occupancy_max_active_blocks(int* blocks, const void* kernel, int threads, size_t smem_bytes);
 cudaError_t memset_async(void* ptr, int value, size_t bytes, cudaStream_t stream);
