@@ -19,7 +19,7 @@ EMULATE = TORCHJAC_EMULATE_CUDA=1 $(PYTHON) -m pytest -q -p no:cacheprovider
 emulation:
 	$(PYTHON) -c "import sys; sys.path.insert(0, 'tests'); from cuda_emulation import build; build.load()"
 	$(EMULATE) tests/test_cuda_backward.py & backward=$$!; \
-	$(EMULATE) tests/test_cuda_forward.py tests/test_cuda_emulation.py; forward=$$?; \
+	$(EMULATE) tests/test_cuda_forward.py tests/test_cuda_emulation.py tests/test_cuda_precision.py; forward=$$?; \
 	wait $$backward && exit $$forward
 
 # On demand, not in `make test`: the emulation built with ASan + UBSan, or with

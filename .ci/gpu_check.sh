@@ -2,12 +2,13 @@
 # make gpu-check: the whole validation of the CUDA kernels on a machine with a
 # GPU, in one command, within 9 minutes on an H100/H200:
 #   1. build the fused kernels for sm_90 (TORCH_CUDA_ARCH_LIST, default 9.0);
-#   2. the CUDA tests (tests/test_cuda_*.py, and the second-order ops' pure-PyTorch
-#      path on CUDA), CUDA-graph capture
+#   2. the CUDA tests (tests/test_cuda_*.py, the precision modes' error bounds
+#      among them, and the second-order ops' pure-PyTorch path on CUDA), CUDA-graph capture
 #      (torch.compile(mode="reduce-overhead")) included;
 #   3. compute-sanitizer memcheck and racecheck on the tests' small cases;
 #   4. the GPU benchmarks against the eager baselines, torch.compile of them and
-#      torchjac's pure-PyTorch path, at 1M points.
+#      torchjac's pure-PyTorch path, at 1M points; the forward one at each float32
+#      matmul precision (highest: 3xTF32, high: TF32, medium: BF16).
 # Everything goes to bench/results/gpu_<date>_<commit>/, 7 files, each cut to
 # under 16 MiB: summary.txt (device, driver, torch, commit, each step's status
 # and time), build.txt, tests.txt, forward.{json,txt}, train.{json,txt}.
@@ -67,6 +68,7 @@ step "build (sm_90)" "$OUT/build.txt" 240 "$PYTHON" -m pip install --no-build-is
 step "cuda tests" "$OUT/tests.txt" 180 "$PYTHON" -m pytest -q -rs tests/test_cuda_forward.py tests/test_cuda_backward.py \
   -k "not compute_sanitizer"
 step "second order on cuda" "$OUT/tests.txt" 30 "$PYTHON" -m pytest -q -rs tests/test_second_order.py -k cuda
+step "precision modes" "$OUT/tests.txt" 60 "$PYTHON" -m pytest -q -rs tests/test_cuda_precision.py
 step "cuda-graph capture" "$OUT/tests.txt" 90 "$PYTHON" -m pytest -q tests/test_cuda_forward.py tests/test_cuda_backward.py \
   -k "compile_reduce_overhead"
 if command -v compute-sanitizer >/dev/null 2>&1; then
@@ -77,8 +79,8 @@ else
   failures=$((failures + 1))
 fi
 bench_tmp=$(mktemp -d)
-step "bench forward" "$OUT/forward.txt" 150 "$PYTHON" bench/bench_gpu_forward.py --out "$bench_tmp/forward" \
-  --points 1000000 --widths 128 --huge 0 --target-seconds 0.3 --max-reps 10
+step "bench forward" "$OUT/forward.txt" 200 "$PYTHON" bench/bench_gpu_forward.py --out "$bench_tmp/forward" \
+  --points 1000000 --widths 128 --huge 0 --target-seconds 0.3 --max-reps 10 --precisions highest high medium
 step "bench train" "$OUT/train.txt" 150 "$PYTHON" bench/bench_gpu_train.py --out "$bench_tmp/train" \
   --points 1000000 --no-search --target-seconds 0.3 --max-reps 10
 for kind in forward train; do

@@ -4,6 +4,7 @@
 // the op arguments into the kernels' MlpForwardArgs.
 #pragma once
 
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
@@ -11,6 +12,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -208,12 +210,45 @@ struct MlpShapes {
   bool cond_map_ok = true;  // false: cond broadcasts in too many separate dims
 };
 
+// Whether PyTorch's per-backend API (torch.backends.cuda.matmul.fp32_precision)
+// allows TF32 for CUDA matmuls. Its getter takes strings in older releases and
+// enums in newer ones; the member's own parameter types tell which.
+template <class R, class A, class B>
+bool cuda_matmul_allows_tf32(R (at::Context::*getter)(A, B) const) {
+  const at::Context& ctx = at::globalContext();
+  using Backend = typename std::decay<A>::type;
+  using Op = typename std::decay<B>::type;
+  if constexpr (std::is_enum<Backend>::value) {
+    return (ctx.*getter)(Backend::CUDA, Op::MATMUL) == R::TF32;
+  } else {
+    return (ctx.*getter)("cuda", "matmul") == "tf32";
+  }
+}
+
+// PyTorch's float32 matmul precision (docs/cuda.md, "Precision"). The legacy
+// getter (torch.set_float32_matmul_precision) raises once the per-backend API
+// has been used; that API has no BF16 setting for CUDA, so it gives "high" or
+// "highest".
+inline cuda::MatmulPrecision float32_matmul_precision() {
+  try {
+    switch (at::globalContext().float32MatmulPrecision()) {
+      case at::Float32MatmulPrecision::HIGH: return cuda::MatmulPrecision::kHigh;
+      case at::Float32MatmulPrecision::MEDIUM: return cuda::MatmulPrecision::kMedium;
+      default: return cuda::MatmulPrecision::kHighest;
+    }
+  } catch (const c10::Error&) {
+    return cuda_matmul_allows_tf32(&at::Context::float32Precision) ? cuda::MatmulPrecision::kHigh
+                                                                   : cuda::MatmulPrecision::kHighest;
+  }
+}
+
 inline void describe_mlp(MlpMode mode, const MlpInputs& in, int64_t d_out, MlpShapes* s) {
   const at::Tensor& x = in.x;
   cuda::MlpForwardArgs& a = s->args;
   const at::IntArrayRef lead = x.sizes().slice(0, x.dim() - 1);
   a.mode = mode;
   a.dtype = x.scalar_type() == at::kDouble ? cuda::ScalarKind::kFloat64 : cuda::ScalarKind::kFloat32;
+  a.precision = float32_matmul_precision();
   a.num_points = c10::multiply_integers(lead);
   a.d_in = x.size(-1);
   a.d_out = d_out;

@@ -2,11 +2,20 @@
 // fused MLP layer): a tile of rows in shared memory times a weight matrix that
 // is staged through shared memory in chunks of kChunk, by the 256 threads of a
 // block. The tiling (rows per thread, outputs per thread) is a template
-// parameter Tl with kRowsPerThread, kOutPerThread, kRowThreads, kColThreads and
-// kPairsPerThread; each kernel has its own.
+// parameter Tl with kRows, kRowsPerThread, kOutPerThread, kRowThreads,
+// kColThreads and kPairsPerThread; each kernel has its own.
+//
+// Hidden-layer products run on tensor cores (WMMA) in float32 when the
+// precision policy asks for it (GemmMode); everything else, and any product
+// whose shape the tensor-core path does not take (tc_product), is SIMT.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <mma.h>
+
+#include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "mlp_forward.cuh"
 
@@ -15,24 +24,73 @@ namespace cuda {
 namespace mainloop {
 
 constexpr int kThreads = 256;
-constexpr int kChunk = 32;        // weight rows or columns staged per step
-constexpr int kLdw = kChunk + 1;  // odd row stride: conflict-free smem reads
+constexpr int kWarps = kThreads / 32;
+constexpr int kChunk = 32;          // weight rows or columns staged per step
+constexpr int kLdw = kChunk + 1;    // odd row stride: conflict-free smem reads (SIMT)
+constexpr int kLdwTf32 = kChunk + 4;  // staged weights for TF32 fragments: 16-byte rows, skewed by 4 banks
+constexpr int kLdBf16 = kChunk + 8;   // staged BF16 rows: 16-byte rows, skewed by 4 banks
 
-// ws[n * kLdw + c] = B(k0 + c, n) for n < staged, zero where n >= n_count or c >= len;
+// How the products multiply, from PyTorch's float32 matmul precision (docs/cuda.md, "Precision").
+enum class GemmMode : int {
+  kSimt = 0,    // FP32 or FP64 FMA: float64, and the products tc_product does not take
+  kTf32x3 = 1,  // "highest": 3xTF32 split (hi*lo + lo*hi + hi*hi), FP32-accurate
+  kTf32 = 2,    // "high": TF32 inputs, FP32 accumulation
+  kBf16 = 3,    // "medium": BF16 inputs, FP32 accumulation
+};
+
+__host__ __device__ inline GemmMode gemm_mode_for(MatmulPrecision precision, ScalarKind dtype) {
+  if (dtype != ScalarKind::kFloat32) return GemmMode::kSimt;
+  switch (precision) {
+    case MatmulPrecision::kHigh: return GemmMode::kTf32;
+    case MatmulPrecision::kMedium: return GemmMode::kBf16;
+    default: return GemmMode::kTf32x3;
+  }
+}
+
+// The tile's row stride for `cols` columns: odd for SIMT (conflict-free
+// scalar reads); for WMMA a multiple of 4 floats that is 4 mod 32, so rows
+// are 16-byte aligned and 8 consecutive rows start in different banks.
+__host__ __device__ inline int64_t tile_row_stride(int64_t cols, GemmMode mode) {
+  if (mode == GemmMode::kSimt) return cols | 1;
+  return cols + ((4 - cols) % 32 + 32) % 32;
+}
+
+// Shared memory for staging one chunk of weights (and, for BF16, of the tile's
+// rows): the SIMT layout or the tensor-core one, whichever is larger, because
+// one kernel runs both (layer 0 and the last layer stay SIMT).
+__host__ __device__ inline size_t staging_bytes(GemmMode mode, int rows, int width, size_t elem) {
+  const size_t simt = static_cast<size_t>(width) * kLdw * elem;
+  size_t tc = 0;
+  if (mode == GemmMode::kTf32 || mode == GemmMode::kTf32x3) tc = static_cast<size_t>(width) * kLdwTf32 * sizeof(float);
+  if (mode == GemmMode::kBf16) tc = static_cast<size_t>(rows + width) * kLdBf16 * sizeof(__nv_bfloat16);
+  return simt > tc ? simt : tc;
+}
+
+template <typename S, typename T>
+__device__ inline S to_staged(T v) {
+  if constexpr (std::is_same<S, __nv_bfloat16>::value) {
+    return __float2bfloat16(static_cast<float>(v));
+  } else {
+    return static_cast<S>(v);
+  }
+}
+
+// ws[n * ldws + c] = B(k0 + c, n) for n < staged, zero where n >= n_count or c >= len;
 // B(k, n) = w[n * ldw + k] (kTransposedW) or w[k * ldw + n]. Global reads are coalesced either way.
-template <typename T, bool kTransposedW>
-__device__ void stage_weights(const T* w, int64_t ldw, int n_count, int k0, int len, int staged, T* ws) {
+template <typename T, bool kTransposedW, typename S = T>
+__device__ void stage_weights(const T* w, int64_t ldw, int n_count, int k0, int len, int staged, S* ws,
+                              int ldws = kLdw) {
   if (kTransposedW) {
     for (int e = threadIdx.x; e < staged * kChunk; e += kThreads) {
       const int n = e / kChunk;
       const int c = e - n * kChunk;
-      ws[n * kLdw + c] = (n < n_count && c < len) ? __ldg(w + n * ldw + k0 + c) : T(0);
+      ws[n * ldws + c] = to_staged<S>((n < n_count && c < len) ? __ldg(w + n * ldw + k0 + c) : T(0));
     }
   } else {
     for (int e = threadIdx.x; e < staged * kChunk; e += kThreads) {
       const int c = e / staged;
       const int n = e - c * staged;
-      ws[n * kLdw + c] = (n < n_count && c < len) ? __ldg(w + (k0 + c) * ldw + n) : T(0);
+      ws[n * ldws + c] = to_staged<S>((n < n_count && c < len) ? __ldg(w + (k0 + c) * ldw + n) : T(0));
     }
   }
 }
@@ -84,12 +142,133 @@ __device__ void pair_gemm(const T* A, int lda, int a_col0, int kdim, const T* w,
     if (row[q] < active_rows) store(row[q], col[q], acc[q]);
 }
 
+// Whether the tensor-core path takes a product: whole 16-column output tiles,
+// whole k steps, and 32-byte aligned fragment rows (the tile's stride is
+// tile_row_stride's). Layer 0 and skip layers, which read d_in + c input
+// columns, usually stay SIMT; the hidden H x H layers, the bulk of the work,
+// qualify when H is a multiple of 16.
+__device__ inline bool tc_product(GemmMode mode, int a_col0, int kdim, int ncols) {
+  const int k_step = mode == GemmMode::kBf16 ? 16 : 8;
+  return mode != GemmMode::kSimt && ncols % 16 == 0 && kdim % k_step == 0 && a_col0 % 8 == 0;
+}
+
+// The tensor-core product (float only): C = A[:, a_col0 : a_col0 + kdim] * B, the
+// same contract as wide_gemm. The output is a grid of 16 x 16 tiles over the
+// active rows' 16-row blocks; warp w owns a run of consecutive tiles (sharing
+// their A fragments along a row block), accumulated in FP32 fragments. Rows of
+// the last row block past active_rows are computed and stored too: callers
+// never read them.
+template <typename Tl, bool kTransposedW, GemmMode kMode>
+__device__ void tc_gemm(const float* A, int lda, int a_col0, int kdim, const float* w, int64_t ldw, int ncols,
+                        float* ws, int active_rows, float* out) {
+  namespace wmma = nvcuda::wmma;
+  constexpr bool kBf16 = kMode == GemmMode::kBf16;
+  constexpr int kK = kBf16 ? 16 : 8;
+  constexpr int WIDTH = Tl::kColThreads * Tl::kOutPerThread;
+  constexpr int kMaxTiles = (Tl::kRows / 16 * (WIDTH / 16) + kWarps - 1) / kWarps;
+  static_assert(Tl::kRows % 16 == 0, "tensor-core tiles need whole 16-row blocks");
+  using In = typename std::conditional<kBf16, __nv_bfloat16, wmma::precision::tf32>::type;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, kK, In, wmma::row_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, kK, In, wmma::col_major>;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, kK, float>;
+
+  const int warp = threadIdx.x / 32;
+  const int m_tiles = (active_rows + 15) / 16;
+  const int n_tiles = ncols / 16;
+  const int per_warp = (m_tiles * n_tiles + kWarps - 1) / kWarps;
+  const int first_tile = warp * per_warp;
+  const int my_tiles = min(per_warp, m_tiles * n_tiles - first_tile);  // warp-uniform, may be <= 0
+  FragC acc[kMaxTiles];
+#pragma unroll
+  for (int j = 0; j < kMaxTiles; ++j) wmma::fill_fragment(acc[j], 0.0f);
+
+  // BF16: each chunk of A's columns and of B is converted into shared memory (fragments load from memory).
+  __nv_bfloat16* a_bf16 = reinterpret_cast<__nv_bfloat16*>(ws);
+  __nv_bfloat16* b_bf16 = a_bf16 + Tl::kRows * kLdBf16;
+  for (int k0 = 0; k0 < kdim; k0 += kChunk) {
+    const int len = min(kChunk, kdim - k0);
+    if (k0 > 0) __syncthreads();  // everyone is done with the previous chunk
+    if constexpr (kBf16) {
+      for (int e = threadIdx.x; e < m_tiles * 16 * kChunk; e += kThreads) {
+        const int r = e / kChunk;
+        const int c = e - r * kChunk;
+        a_bf16[r * kLdBf16 + c] = __float2bfloat16(c < len ? A[r * lda + a_col0 + k0 + c] : 0.0f);
+      }
+      stage_weights<float, kTransposedW, __nv_bfloat16>(w, ldw, ncols, k0, len, ncols, b_bf16, kLdBf16);
+    } else {
+      stage_weights<float, kTransposedW>(w, ldw, ncols, k0, len, ncols, ws, kLdwTf32);
+    }
+    __syncthreads();
+    for (int kk = 0; kk < len; kk += kK) {
+      FragA a_hi, a_lo;
+      int a_block = -1;
+#pragma unroll
+      for (int j = 0; j < kMaxTiles; ++j) {
+        if (j >= my_tiles) break;
+        const int t = first_tile + j;
+        const int mt = t / n_tiles;
+        const int nt = t - mt * n_tiles;
+        FragB b_hi, b_lo;
+        if constexpr (kBf16) {
+          if (mt != a_block) wmma::load_matrix_sync(a_hi, a_bf16 + mt * 16 * kLdBf16 + kk, kLdBf16);
+          wmma::load_matrix_sync(b_hi, b_bf16 + nt * 16 * kLdBf16 + kk, kLdBf16);
+        } else {
+          if (mt != a_block) {
+            wmma::load_matrix_sync(a_hi, A + mt * 16 * lda + a_col0 + k0 + kk, lda);
+#pragma unroll
+            for (int i = 0; i < a_hi.num_elements; ++i) {
+              const float v = a_hi.x[i];
+              a_hi.x[i] = wmma::__float_to_tf32(v);
+              if (kMode == GemmMode::kTf32x3) a_lo.x[i] = wmma::__float_to_tf32(v - a_hi.x[i]);
+            }
+          }
+          wmma::load_matrix_sync(b_hi, ws + nt * 16 * kLdwTf32 + kk, kLdwTf32);
+#pragma unroll
+          for (int i = 0; i < b_hi.num_elements; ++i) {
+            const float v = b_hi.x[i];
+            b_hi.x[i] = wmma::__float_to_tf32(v);
+            if (kMode == GemmMode::kTf32x3) b_lo.x[i] = wmma::__float_to_tf32(v - b_hi.x[i]);
+          }
+        }
+        a_block = mt;
+        if (kMode == GemmMode::kTf32x3) {  // the small terms first
+          wmma::mma_sync(acc[j], a_lo, b_hi, acc[j]);
+          wmma::mma_sync(acc[j], a_hi, b_lo, acc[j]);
+        }
+        wmma::mma_sync(acc[j], a_hi, b_hi, acc[j]);
+      }
+    }
+  }
+  __syncthreads();  // outputs may overwrite columns other warps still read
+#pragma unroll
+  for (int j = 0; j < kMaxTiles; ++j) {
+    if (j >= my_tiles) break;
+    const int t = first_tile + j;
+    const int mt = t / n_tiles;
+    const int nt = t - mt * n_tiles;
+    wmma::store_matrix_sync(out + mt * 16 * lda + nt * 16, acc[j], lda, wmma::mem_row_major);
+  }
+}
+
 // kMaxInOut < ncols <= WIDTH (hidden layers): a register tile. Thread (tr, to)
 // owns rows tr + i * kRowThreads and outputs to + j * kColThreads, strided so that
-// a warp reads distinct banks.
+// a warp reads distinct banks. In float32 with a tensor-core mode, tc_gemm
+// instead, when tc_product takes the shape.
 template <typename T, typename Tl, bool kTransposedW>
 __device__ void wide_gemm(const T* A, int lda, int a_col0, int kdim, const T* w, int64_t ldw, int ncols, T* ws,
-                          int active_rows, T* out) {
+                          int active_rows, T* out, GemmMode mode) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (tc_product(mode, a_col0, kdim, ncols)) {  // uniform across the block
+      switch (mode) {
+        case GemmMode::kTf32x3:
+          return tc_gemm<Tl, kTransposedW, GemmMode::kTf32x3>(A, lda, a_col0, kdim, w, ldw, ncols, ws, active_rows, out);
+        case GemmMode::kTf32:
+          return tc_gemm<Tl, kTransposedW, GemmMode::kTf32>(A, lda, a_col0, kdim, w, ldw, ncols, ws, active_rows, out);
+        default:
+          return tc_gemm<Tl, kTransposedW, GemmMode::kBf16>(A, lda, a_col0, kdim, w, ldw, ncols, ws, active_rows, out);
+      }
+    }
+  }
   constexpr int WIDTH = Tl::kColThreads * Tl::kOutPerThread;
   constexpr int RA = Tl::kRowsPerThread, OB = Tl::kOutPerThread;
   constexpr int TR = Tl::kRowThreads, TO = Tl::kColThreads;
@@ -134,11 +313,11 @@ __device__ void wide_gemm(const T* A, int lda, int a_col0, int kdim, const T* w,
 // A product with ncols <= WIDTH outputs into columns [0, ncols) of `out` (may be A).
 template <typename T, typename Tl, bool kTransposedW>
 __device__ void gemm_into_rows(const T* A, int lda, int a_col0, int kdim, const T* w, int64_t ldw, int ncols, T* ws,
-                               int active_rows, T* out) {
+                               int active_rows, T* out, GemmMode mode) {
   if (ncols <= kMaxInOut) {
     pair_gemm<T, Tl, kTransposedW>(A, lda, a_col0, kdim, w, ldw, ncols, ws, active_rows, StoreRows<T>{out, lda});
   } else {
-    wide_gemm<T, Tl, kTransposedW>(A, lda, a_col0, kdim, w, ldw, ncols, ws, active_rows, out);
+    wide_gemm<T, Tl, kTransposedW>(A, lda, a_col0, kdim, w, ldw, ncols, ws, active_rows, out, mode);
   }
 }
 

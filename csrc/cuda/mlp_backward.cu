@@ -35,7 +35,6 @@ namespace torchjac {
 namespace cuda {
 namespace {
 
-using mainloop::kLdw;
 using mainloop::kThreads;
 constexpr int kWarp = 32;
 constexpr int kReduceThreads = 256;
@@ -100,6 +99,7 @@ struct BackwardParams {
   int d_in, d_out, cond_dim;
   int x_col;  // tile column where [x | cond] starts; columns [0, x_col) hold h or gradients
   int lda;    // tile row stride
+  int gemm_mode;  // mainloop::GemmMode of the wide products
   const T* x;
   const T* cond;
   CondRowMap cond_rows;
@@ -364,6 +364,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
   T* partials = p.partials + blockIdx.x * p.partial_stride;
 
   const int lda = p.lda;
+  const mainloop::GemmMode mode = static_cast<mainloop::GemmMode>(p.gemm_mode);
   const int kp1 = p.k + 1;
   const int per_tile = Tl::kRows / kp1;
   const int64_t num_tiles = (p.num_points + per_tile - 1) / per_tile;
@@ -382,7 +383,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
     // 1. The forward, in buf0, saving every layer's [z; tz].
     for (int l = 0; l <= last; ++l) {
       const BackwardLayer<T>& L = p.layers[l];
-      mainloop::gemm_into_rows<T, Tl, true>(buf0, lda, L.col0, L.in_cols, L.weight, L.ldw, L.out, ws, rows, buf0);
+      mainloop::gemm_into_rows<T, Tl, true>(buf0, lda, L.col0, L.in_cols, L.weight, L.ldw, L.out, ws, rows, buf0, mode);
       __syncthreads();
       save_and_activate(L, buf0, states + L.state_offset, lda, npts, kp1, l < last, l == 0 ? &p : nullptr);
       __syncthreads();
@@ -407,7 +408,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
       // stores only after a barrier, once every thread is done reading `in`),
       // x and cond columns, in groups of kMaxInOut, into the global gradients.
       if (L.hidden_in > 0) {
-        mainloop::gemm_into_rows<T, Tl, false>(g, lda, 0, L.out, L.weight, L.ldw, L.hidden_in, ws, rows, in);
+        mainloop::gemm_into_rows<T, Tl, false>(g, lda, 0, L.out, L.weight, L.ldw, L.hidden_in, ws, rows, in, mode);
       }
       for (int n0 = L.hidden_in; n0 < L.in_cols; n0 += kMaxInOut) {
         mainloop::pair_gemm<T, Tl, false>(g, lda, 0, L.out, L.weight + n0, L.ldw, min(kMaxInOut, L.in_cols - n0), ws,
@@ -593,12 +594,14 @@ Plan make_plan(const MlpBackwardArgs& args, int device) {
     }
   }
   plan.x_col = static_cast<int>(std::max<int64_t>(H, a.d_out));
-  const int64_t lda = (plan.x_col + a.d_in + c) | 1;  // odd stride: conflict-free
+  const mainloop::GemmMode gemm_mode = mainloop::gemm_mode_for(a.precision, a.dtype);
+  plan.gemm_mode = static_cast<int>(gemm_mode);
+  const int64_t lda = mainloop::tile_row_stride(plan.x_col + a.d_in + c, gemm_mode);
   if (lda > 4096) return fail("too many cond columns for the backward tile");
   plan.lda = static_cast<int>(lda);
   plan.rows = is_double ? tile_rows<double>(plan.width) : tile_rows<float>(plan.width);
-  plan.smem_bytes = plan.rows * sizeof(int64_t) +
-                    (2 * static_cast<size_t>(plan.rows) * plan.lda + static_cast<size_t>(plan.width) * kLdw) * plan.elem;
+  plan.smem_bytes = plan.rows * sizeof(int64_t) + 2 * static_cast<size_t>(plan.rows) * plan.lda * plan.elem +
+                    mainloop::staging_bytes(gemm_mode, plan.rows, plan.width, plan.elem);
   const DeviceSetup& setup = device_setup<BackwardKernels>(device);
   if (setup.error != cudaSuccess) return fail("the device's properties could not be queried or set");
   plan.sms = setup.sms;
@@ -704,6 +707,7 @@ cudaError_t launch_typed(const MlpBackwardArgs& args, const Plan& plan, cudaStre
   kp.cond_dim = static_cast<int>(c);
   kp.x_col = plan.x_col;
   kp.lda = plan.lda;
+  kp.gemm_mode = plan.gemm_mode;
   kp.x = static_cast<const T*>(a.x);
   kp.cond = static_cast<const T*>(a.cond);
   kp.cond_rows = a.cond_rows;

@@ -73,6 +73,7 @@ struct MlpBackwardPlan {
   int x_col = 0;
   int lda = 0;
   int rows = 0;
+  int gemm_mode = 0;  // mainloop::GemmMode
   bool skip[kMaxLayers] = {};
   size_t elem = 0;
   size_t smem_bytes = 0;

@@ -23,7 +23,6 @@ namespace torchjac {
 namespace cuda {
 namespace {
 
-using mainloop::kLdw;
 using mainloop::kThreads;
 // Cond projections are precomputed when each cond row serves this many points.
 constexpr int64_t kCondShareFactor = 8;
@@ -68,6 +67,7 @@ struct KernelParams {
   int cond_in_kernel;  // cond columns held in the tile (0 when projected)
   int x_col;           // tile column where [x | cond] starts
   int lda;             // tile row stride
+  int gemm_mode;       // mainloop::GemmMode of the hidden-layer products
   const T* x;
   const T* cond;
   CondRowMap cond_rows;
@@ -275,7 +275,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) mlp_forward_
       const LayerParams<T>& L = p.layers[l];
       // z = W * row over the layer's input columns, into columns [0, L.out) of the same rows.
       if (l + 1 < p.num_layers) {
-        mainloop::wide_gemm<T, Tl, true>(tile, p.lda, L.col0, L.in_cols, L.weight, L.ldw, L.out, ws, Tl::kRows, tile);
+        mainloop::wide_gemm<T, Tl, true>(tile, p.lda, L.col0, L.in_cols, L.weight, L.ldw, L.out, ws, Tl::kRows, tile,
+                                         static_cast<mainloop::GemmMode>(p.gemm_mode));
       } else {  // the last layer has few outputs: (row, output) pairs
         mainloop::pair_gemm<T, Tl, true>(tile, p.lda, L.col0, L.in_cols, L.weight, L.ldw, L.out, ws, npts * kp1,
                                      mainloop::StoreRows<T>{tile, p.lda});
@@ -389,7 +390,9 @@ Plan make_plan(const MlpForwardArgs& a) {
   plan.x_col = static_cast<int>(std::max<int64_t>(H, a.d_out));
   plan.project_cond = c > 0 && a.num_cond_rows * kCondShareFactor <= a.num_points;
   const int64_t cond_cols = (c > 0 && !plan.project_cond) ? c : 0;
-  const int64_t lda = (plan.x_col + a.d_in + cond_cols) | 1;  // odd stride: conflict-free
+  const mainloop::GemmMode gemm_mode = mainloop::gemm_mode_for(a.precision, a.dtype);
+  plan.gemm_mode = static_cast<int>(gemm_mode);
+  const int64_t lda = mainloop::tile_row_stride(plan.x_col + a.d_in + cond_cols, gemm_mode);
   if (lda > 4096) return fail("too many cond columns");
   plan.cond_in_kernel = static_cast<int>(cond_cols);
   plan.lda = static_cast<int>(lda);
@@ -399,7 +402,8 @@ Plan make_plan(const MlpForwardArgs& a) {
   if (1 + k_pass + second_order_rows(a.mode, k_pass) > plan.rows) {
     return fail("a point's rows (the Hessian's: 1 + d_in + d_in (d_in + 1) / 2) do not fit in one tile at this width");
   }
-  plan.smem_bytes = plan.rows * sizeof(int64_t) + (static_cast<size_t>(plan.rows) * plan.lda + plan.width * kLdw) * plan.elem;
+  plan.smem_bytes = plan.rows * sizeof(int64_t) + static_cast<size_t>(plan.rows) * plan.lda * plan.elem +
+                    mainloop::staging_bytes(gemm_mode, plan.rows, plan.width, plan.elem);
   if (plan.project_cond) {
     for (int64_t l = 0; l < L; ++l)
       if (reads_input(plan, l)) plan.workspace_bytes += align_up(a.num_cond_rows * a.out_features[l] * plan.elem);
@@ -441,6 +445,7 @@ cudaError_t launch_typed(const MlpForwardArgs& a, const Plan& plan, cudaStream_t
   kp.cond_in_kernel = plan.cond_in_kernel;
   kp.x_col = plan.x_col;
   kp.lda = plan.lda;
+  kp.gemm_mode = plan.gemm_mode;
   kp.x = static_cast<const T*>(a.x);
   kp.cond = static_cast<const T*>(a.cond);
   kp.cond_rows = a.cond_rows;

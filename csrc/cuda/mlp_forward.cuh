@@ -68,6 +68,11 @@ __host__ __device__ inline int second_order_rows(MlpMode mode, int k) {
 __host__ __device__ inline int hessian_pair_row(int a, int b, int k) { return a * k - a * (a - 1) / 2 + (b - a); }
 enum class ScalarKind : int { kFloat32 = 0, kFloat64 = 1 };
 
+// PyTorch's float32 matmul precision (torch.set_float32_matmul_precision), which
+// picks how float32 hidden layers multiply (docs/cuda.md, "Precision"):
+// 3xTF32 (FP32-accurate), TF32 or BF16 tensor cores. float64 ignores it.
+enum class MatmulPrecision : int { kHighest = 0, kHigh = 1, kMedium = 2 };
+
 constexpr int kMaxInOut = 16;           // d_in, d_out
 constexpr int kMaxHiddenWidth = 256;
 constexpr int kMaxLayers = 32;
@@ -97,6 +102,7 @@ __host__ __device__ inline int64_t cond_row_of(const CondRowMap& m, int64_t poin
 struct MlpForwardArgs {
   MlpMode mode = MlpMode::kJacobian;
   ScalarKind dtype = ScalarKind::kFloat32;
+  MatmulPrecision precision = MatmulPrecision::kHighest;
   int64_t num_points = 0;
   int64_t d_in = 0;
   int64_t d_out = 0;
@@ -150,6 +156,7 @@ struct MlpForwardPlan {
   bool project_cond = false;
   int lda = 0;
   int rows = 0;
+  int gemm_mode = 0;  // mainloop::GemmMode
   bool skip[kMaxLayers] = {};
   size_t elem = 0;
   size_t smem_bytes = 0;

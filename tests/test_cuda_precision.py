@@ -1,0 +1,304 @@
+"""The float32 precision modes of the fused CUDA kernels against a float64 oracle,
+within the error bound stated in docs/cuda.md, "Precision".
+
+PyTorch's float32 matmul precision picks how the hidden-layer products multiply:
+"highest" a 3xTF32 split, "high" TF32, "medium" BF16 tensor cores, all with FP32
+accumulation. The bound is first order and per entry: layer l's product, with
+fan-in K_l, is off by at most eps(K_l) * (|W_l| |a_{l-1}|) in each pre-activation
+row (value and tangents), each activation adds ACTIVATION_ERROR * |a_l|, and
+these errors reach the outputs through the network's own sensitivities, which
+float64 autograd gives here. The test allows twice the bound (second-order terms).
+
+Oracles: the values from the float64 vmap(jacrev) oracle of test_cuda_forward.py;
+the bound from a float64 tangent-row forward written here. Neither shares code
+with torchjac. Runs on a CUDA device or in the host emulation (TORCHJAC_EMULATE_CUDA=1),
+where it also checks that the tensor-core path ran (one warp collective per MMA).
+"""
+import contextlib
+
+import pytest
+import torch
+from torch.func import jacrev, vmap
+
+import torchjac  # noqa: F401
+from cuda_backend import EMULATED, requires_kernels
+from test_cuda_forward import (ACTIVATION_CASES, ORACLE_ACTIVATIONS, SOFTPLUS, fused, make_mlp, max_rel_err,
+                               no_cond, oracle, points)
+
+pytestmark = requires_kernels
+
+MODES = ["highest", "high", "medium"]
+TF32_ROUNDOFF = 2.0**-11
+BF16_ROUNDOFF = 2.0**-8
+ACCUMULATION = 2.0**-23  # FP32 unit roundoff, doubled: tensor cores may truncate when they accumulate
+ACTIVATION_ERROR = 16 * 2.0**-24  # act, act', act'' and their products with the tangents, in float32
+LAMBDA = 8.0  # probabilistic bound: standard deviations allowed
+
+
+def product_error(mode, fan_in):
+    """eps(K): the worst-case error of one product entry relative to sum_k |w_k a_k|, for fan-in K."""
+    return input_roundoff(mode) * (3 if mode == "highest" else 2) + accumulation_error(mode, fan_in)
+
+
+def input_roundoff(mode):
+    """The relative error of one product term from rounding its inputs: TF32 or BF16 unit roundoff, or for the
+    3xTF32 split the dropped lo * lo term and the roundings of the lo parts, u_tf32^2 each."""
+    return {"highest": TF32_ROUNDOFF**2, "high": TF32_ROUNDOFF, "medium": BF16_ROUNDOFF}[mode]
+
+
+def accumulation_error(mode, fan_in):
+    """FP32 accumulation of K terms (3K for the split), taken as biased: it adds up linearly."""
+    return (3 if mode == "highest" else 1) * fan_in * ACCUMULATION
+
+
+@contextlib.contextmanager
+def matmul_precision(mode):
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(mode)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+def warp_collectives():
+    return torch.ops.torchjac_emu.stat("warp_collectives") if EMULATED else None
+
+
+def _act_and_slope(code, p0, p1, z):
+    f = ORACLE_ACTIVATIONS[code]
+    value, slope = torch.func.jvp(lambda v: f(v, p0, p1), (z,), (torch.ones_like(z),))
+    return value, slope
+
+
+def error_bound(mlp, x, cond, mode):
+    """Bounds on the errors of y and J per entry, in float64, as docs/cuda.md states them:
+    (worst case, probabilistic), each a pair (y, J). Both propagate each layer's errors through the
+    network's sensitivities s = d out / d (pre-activation or output rows), from float64 autograd:
+      worst case:    sum |s| * (eps(K) |W| |a| on the products, ACTIVATION_ERROR |a_l| on the activations);
+      probabilistic: LAMBDA * sqrt(sum s^2 var) + sum |s| K u_acc |W| |a|, where the input roundings are
+                     independent with variance u^2/3 per rounded factor (two per term), and the
+                     accumulation is kept worst case (tensor cores may truncate: biased)."""
+    ws = [w.detach().double() for w in mlp.weights]
+    bs = [b.detach().double() for b in mlp.biases]
+    d_in, c = x.shape[-1], cond.shape[-1]
+    xs = x.detach().reshape(-1, d_in).double()
+    cs = cond.detach().expand(*x.shape[:-1], c).reshape(xs.shape[0], c).double()
+    k = d_in
+    u_in = input_roundoff(mode)
+    factors = 3 if mode == "highest" else 2
+
+    def rows(xp, cp, deltas, etas):
+        """The kernels' rows [h; t_1..t_k] through the layers, deltas added to the pre-activation rows and
+        etas to the output rows of each layer; also each layer's |a| |W|^T, a^2 (W^2)^T and |output rows|."""
+        x_rows = torch.cat([xp[None], torch.eye(k, dtype=xp.dtype)])
+        c_rows = torch.cat([cp[None], cp.new_zeros(k, c)])
+        r, aux = None, []
+        for layer, (w, b) in enumerate(zip(ws, bs)):
+            if layer == 0:
+                inp = torch.cat([x_rows, c_rows], 1)
+            elif layer in mlp.skips:
+                inp = torch.cat([r, x_rows, c_rows], 1)
+            else:
+                inp = r
+            zrows = inp @ w.T + torch.cat([b[None], b.new_zeros(k, b.shape[0])]) + deltas[layer]
+            value, slope = _act_and_slope(mlp.activations[layer], mlp.params[2 * layer], mlp.params[2 * layer + 1],
+                                          zrows[0])
+            r = torch.cat([value[None], slope * zrows[1:]]) + etas[layer]
+            aux.append((inp.abs() @ w.abs().T, inp.square() @ w.square().T, r.abs()))
+        return r, aux
+
+    zeros = [xs.new_zeros(xs.shape[0], k + 1, w.shape[0]) for w in ws]
+
+    def point_bounds(xp, cp, dz, da):
+        sens, aux = jacrev(rows, argnums=(2, 3), has_aux=True)(xp, cp, dz, da)
+        worst, var, acc = 0, 0, 0
+        for layer, w in enumerate(ws):
+            fan_in = w.shape[1]
+            s_z, s_a = sens[0][layer], sens[1][layer]
+            abs_prod, sq_prod, out = aux[layer]
+            worst = worst + (s_z.abs() * (product_error(mode, fan_in) * abs_prod)).sum((-2, -1))
+            worst = worst + (s_a.abs() * (ACTIVATION_ERROR * out)).sum((-2, -1))
+            var = var + (s_z.square() * (factors * u_in**2 / 3 * sq_prod)).sum((-2, -1))
+            var = var + (s_a.square() * (ACTIVATION_ERROR**2 / 3 * out.square())).sum((-2, -1))
+            acc = acc + (s_z.abs() * (accumulation_error(mode, fan_in) * abs_prod)).sum((-2, -1))
+        return worst, LAMBDA * var.sqrt() + acc  # each (1 + k, d_out)
+
+    d_out = ws[-1].shape[0]
+    lead = x.shape[:-1]
+
+    def split(b):  # rows (points, 1 + k, d_out) -> (y bound, J bound)
+        return b[:, 0].reshape(*lead, d_out), b[:, 1:].transpose(1, 2).reshape(*lead, d_out, d_in)
+
+    worst, probable = vmap(point_bounds)(xs, cs, zeros, zeros)
+    return split(worst), split(probable)
+
+
+def kink_distance(mlp, x, cond, kink_at):
+    """Per point: min over layers and units of |z - kink_at| / (|W| |a| + |b|) for the value row, in float64:
+    how close a pre-activation comes to the kink, relative to the size of its terms."""
+    d_in, c = x.shape[-1], cond.shape[-1]
+    xs = x.detach().reshape(-1, d_in).double()
+    cs = cond.detach().expand(*x.shape[:-1], c).reshape(xs.shape[0], c).double()
+    h, nearest = None, None
+    for layer, (w, b) in enumerate(zip(mlp.weights, mlp.biases)):
+        w, b = w.detach().double(), b.detach().double()
+        inp = torch.cat([xs, cs], 1) if layer == 0 else torch.cat([h, xs, cs], 1) if layer in mlp.skips else h
+        z = inp @ w.T + b
+        ratio = ((z - kink_at).abs() / (inp.abs() @ w.abs().T + b.abs())).amin(1)
+        nearest = ratio if nearest is None else torch.minimum(nearest, ratio)
+        h = ORACLE_ACTIVATIONS[mlp.activations[layer]](z, mlp.params[2 * layer], mlp.params[2 * layer + 1])
+    return nearest.reshape(x.shape[:-1])
+
+
+def kink_margin(mlp, mode):
+    """The stated band around a kink inside which a rounding error may move a pre-activation across it."""
+    return 4 * len(mlp.weights) * 2 * input_roundoff(mode)
+
+
+def bound_ratio(err, bound):
+    return torch.where(err == 0, torch.zeros_like(err), err / bound)
+
+
+def check_within_bound(mlp, x, cond, mode, expect_tensor_cores=True, kink_at=None):
+    """Runs mlp_jacobian in float32 under `mode`; checks y and J against both bounds. At a kink (kink_at: the
+    pre-activation where the activation's slope, or with Softplus's threshold its value, jumps), the outputs
+    jump where an error moves a pre-activation across it, at any precision: entries over the bound are
+    allowed only at points within kink_margin of it."""
+    mlp32, x32, cond32 = mlp.to(torch.float32), x.float(), cond.float()
+    before = warp_collectives()
+    with matmul_precision(mode):
+        y, jac = fused("mlp_jacobian", x32, cond32, *mlp32.args())
+    if EMULATED:
+        ran = warp_collectives() > before
+        assert ran == expect_tensor_cores, f"tensor-core path ran: {ran}, expected {expect_tensor_cores}"
+    y64, jac64 = oracle(mlp32, x32, cond32)
+    worst, probable = error_bound(mlp32, x32, cond32, mode)
+    kinks = kink_at is not None
+    near_kink = kink_distance(mlp32, x32, cond32, kink_at) <= kink_margin(mlp32, mode) if kinks else None
+    for i, (what, got, want) in enumerate((("y", y, y64), ("jacobian", jac, jac64))):
+        err = (got.double() - want).abs()
+        for name, bound, allowed in (("worst-case", worst[i], 2.0), ("probabilistic", probable[i], 1.0)):
+            ratio = bound_ratio(err, bound)
+            if kinks:
+                over = ratio.flatten(near_kink.dim()).amax(-1) > allowed
+                assert not (over & ~near_kink).any(), f"{mode}: {what} over the {name} bound away from any kink"
+                ratio = ratio[~near_kink]
+            worst_ratio = ratio.max().item() if ratio.numel() else 0.0
+            assert worst_ratio <= allowed, (f"{mode} {what}: error {err.max().item():.3e} is {worst_ratio:.2f}x "
+                                            f"the {name} bound (largest bound {bound.max().item():.3e})")
+    if not kinks and jac.shape[-1] == jac.shape[-2]:  # the divergence: the trace, within the trace of the bounds
+        with matmul_precision(mode):
+            _, div = fused("mlp_divergence", x32, cond32, *mlp32.args())
+        err = (div.double() - jac64.diagonal(dim1=-2, dim2=-1).sum(-1)).abs()
+        for name, bound in (("worst-case", worst[1]), ("probabilistic", probable[1])):
+            ratio = bound_ratio(err, bound.diagonal(dim1=-2, dim2=-1).sum(-1)).max().item()
+            assert ratio <= (2.0 if name == "worst-case" else 1.0), f"{mode} divergence: {ratio:.2f}x the {name} bound"
+    return max_rel_err(jac, jac64)
+
+
+def kink_of(code, p0, p1):
+    """Where the activation's slope (or value) jumps: ReLU, LeakyReLU, ELU with alpha != 1 at 0, Softplus at
+    its threshold (beta z > threshold is linear: PyTorch's value jumps there); None if it is smooth enough."""
+    if code in (1, 2) or (code == 9 and p0 != 1.0):
+        return 0.0
+    if code == 3:
+        return p1 / p0
+    return None
+
+
+# (width, hidden layers): widths 16-256, depths 1-8. One hidden layer has no hidden-to-hidden product.
+GRID = [(16, 8), (32, 1), (32, 6), (64, 4), (128, 3), (256, 2)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("width,depth", GRID, ids=[f"w{w}_d{d}" for w, d in GRID])
+def test_grid_within_bound(width, depth, mode):
+    mlp = make_mlp(3, 3, [width] * depth, act=SOFTPLUS, seed=width + depth)
+    x = points(40, d_in=3, dtype=torch.float64)
+    check_within_bound(mlp, x, no_cond(x), mode, expect_tensor_cores=depth > 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("act", ACTIVATION_CASES, ids=[a[0] for a in ACTIVATION_CASES])
+def test_every_activation_within_bound(act, mode):
+    _, code, p0, p1 = act
+    mlp = make_mlp(3, 2, [32] * 3, act=(code, p0, p1), last_act=(code, p0, p1))
+    x = points(24, d_in=3, dtype=torch.float64)
+    check_within_bound(mlp, x, no_cond(x), mode, kink_at=kink_of(code, p0, p1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cond_rows", ["per_point", "shared"])
+def test_cond_and_skips_within_bound(cond_rows, mode):
+    """cond columns in the tile (per point) or projected once (shared), and a skip layer reading [h, x, cond]."""
+    mlp = make_mlp(3, 3, [64] * 4, c=5, skips=(2,), seed=3)
+    x = points(2, 20, d_in=3, dtype=torch.float64)
+    cond = points(2, 20 if cond_rows == "per_point" else 1, d_in=5, dtype=torch.float64, seed=4)
+    check_within_bound(mlp, x, cond, mode)
+
+
+def test_width_off_the_tensor_core_grid_runs_simt():
+    """Width 40 is not a multiple of 16: every product stays SIMT, FP32-accurate whatever the precision."""
+    mlp = make_mlp(3, 3, [40] * 3)
+    x = points(30, d_in=3, dtype=torch.float64)
+    err = check_within_bound(mlp, x, no_cond(x), "medium", expect_tensor_cores=False)
+    assert err <= 1e-5
+
+
+def test_precision_modes_differ_as_stated():
+    """"highest" is FP32-accurate (within today's 1e-5); TF32 and BF16 are measurably coarser, BF16 the coarsest."""
+    mlp = make_mlp(3, 3, [128] * 3, seed=5)
+    x = points(40, d_in=3, dtype=torch.float64)
+    errs = {mode: check_within_bound(mlp, x, no_cond(x), mode) for mode in MODES}
+    assert errs["highest"] <= 1e-5, errs
+    assert errs["highest"] < errs["high"] < errs["medium"], errs
+
+
+def test_per_backend_tf32_setting_is_read():
+    """torch.backends.cuda.matmul.fp32_precision = "tf32" (the per-backend API) gives TF32, as "high" does."""
+    mlp = make_mlp(3, 3, [64] * 3, seed=6).to(torch.float32)
+    x = points(20, d_in=3, dtype=torch.float32)
+    with matmul_precision("high"):
+        _, jac_high = fused("mlp_jacobian", x, no_cond(x), *mlp.args())
+    prev = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        _, jac_tf32 = fused("mlp_jacobian", x, no_cond(x), *mlp.args())
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = prev
+    _, jac_highest = fused("mlp_jacobian", x, no_cond(x), *mlp.args())
+    assert torch.equal(jac_tf32, jac_high)
+    assert not torch.equal(jac_highest, jac_high)
+
+
+# --- the backward kernels -----------------------------------------------------
+
+BACKWARD_GRID = [(32, 3), (64, 4), (128, 2), (256, 2)]
+
+
+@pytest.mark.parametrize("mode", ["high", "medium"])
+@pytest.mark.parametrize("width,depth", BACKWARD_GRID, ids=[f"w{w}_d{d}" for w, d in BACKWARD_GRID])
+def test_backward_within_tolerance(width, depth, mode):
+    """Gradients of jacobian and divergence losses under TF32 and BF16: every gradient within twice the forward
+    J's probabilistic bound, relative to its largest entry (the backward runs the forward's products again and
+    their transposes: twice as many roundings on a path). "highest" is held to 1e-5 by test_cuda_backward.py."""
+    from test_cuda_backward import fused_backward, oracle_grads, output_grads
+
+    mlp = make_mlp(3, 3, [width] * depth, seed=width).to(torch.float32)
+    x = points(2, 24, d_in=3, dtype=torch.float32)
+    cond = no_cond(x)
+    _, probable = error_bound(mlp, x, cond, mode)
+    _, jac64 = oracle(mlp, x, cond)
+    allowed = 2 * (probable[1].max() / jac64.abs().max()).item()
+    for op in ("jacobian", "divergence"):
+        grad_y, grad_out = output_grads(op, mlp, x, cond, None)
+        before = warp_collectives()
+        with matmul_precision(mode):
+            got = fused_backward(op, mlp, x, cond, grad_y, grad_out, None)
+        if EMULATED:
+            assert warp_collectives() > before, "the backward did not run on the tensor-core path"
+        expected = oracle_grads(op, mlp, x, cond, grad_y, grad_out, None)
+        for name, want in expected.items():
+            err = max_rel_err(got[name], want)
+            assert err <= allowed, f"{mode} {op} {name}: relative error {err:.3e} > {allowed:.3e}"
