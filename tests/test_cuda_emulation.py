@@ -76,6 +76,7 @@ DIVERGENT_SCRIPT = textwrap.dedent("""
     ("two_barriers", "divergent barrier"),
     ("wmma_divergent", "divergent warp: lane 0 of warp 0 waits in a warp collective"),
     ("wmma_misaligned", "store_matrix_sync: the pointer is not 256-bit aligned"),
+    ("cp_async_to_global", "__pipeline_memcpy_async: the destination is not in the block's dynamic shared memory"),
 ])
 def test_divergent_barriers_are_fatal(name, message):
     script = DIVERGENT_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), name=name)
@@ -92,6 +93,11 @@ def test_wmma_product_is_exact_under_any_fragment_mapping():
 def test_code_that_assumes_a_fragment_mapping_is_caught():
     """Reading x[0] as a fixed matrix element gives different results under two random mappings."""
     assert emu.selftest("wmma_assumed_mapping") == "differ"
+
+
+def test_cp_async_lands_at_the_wait():
+    """A cp.async destination reads as NaN until the issuing thread's __pipeline_wait_prior covers its batch."""
+    assert emu.selftest("cp_async") == "undefined before the wait, copied after it"
 
 
 def test_fragment_seed_is_random_per_run():

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_pipeline.h>
 #include <mma.h>
 
 #include <cstddef>
@@ -55,13 +56,13 @@ __host__ __device__ inline int64_t tile_row_stride(int64_t cols, GemmMode mode) 
   return cols + ((4 - cols) % 32 + 32) % 32;
 }
 
-// Shared memory for staging one chunk of weights (and, for BF16, of the tile's
-// rows): the SIMT layout or the tensor-core one, whichever is larger, because
-// one kernel runs both (layer 0 and the last layer stay SIMT).
+// Shared memory for staging weight chunks (and, for BF16, the tile's rows): the
+// SIMT layout or the tensor-core one, whichever is larger, because one kernel
+// runs both (layer 0 and the last layer stay SIMT). TF32 double-buffers.
 __host__ __device__ inline size_t staging_bytes(GemmMode mode, int rows, int width, size_t elem) {
   const size_t simt = static_cast<size_t>(width) * kLdw * elem;
   size_t tc = 0;
-  if (mode == GemmMode::kTf32 || mode == GemmMode::kTf32x3) tc = static_cast<size_t>(width) * kLdwTf32 * sizeof(float);
+  if (mode == GemmMode::kTf32 || mode == GemmMode::kTf32x3) tc = 2 * static_cast<size_t>(width) * kLdwTf32 * sizeof(float);
   if (mode == GemmMode::kBf16) tc = static_cast<size_t>(rows + width) * kLdBf16 * sizeof(__nv_bfloat16);
   return simt > tc ? simt : tc;
 }
@@ -142,6 +143,39 @@ __device__ void pair_gemm(const T* A, int lda, int a_col0, int kdim, const T* w,
     if (row[q] < active_rows) store(row[q], col[q], acc[q]);
 }
 
+// stage_weights into rows of kLdwTf32 floats with cp.async, committed as one
+// batch: 16-byte copies where the weight rows allow (the transposed layout with
+// 16-byte aligned rows), else 4-byte ones (the non-transposed layout is a
+// transpose). Columns c >= len are zeroed by plain stores.
+template <bool kTransposedW>
+__device__ void stage_weights_async(const float* w, int64_t ldw, int ncols, int k0, int len, float* ws) {
+  constexpr int kQuads = kChunk / 4;
+  if (kTransposedW && ldw % 4 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0) {
+    for (int e = threadIdx.x; e < ncols * kQuads; e += kThreads) {
+      const int n = e / kQuads;
+      const int c = (e - n * kQuads) * 4;
+      float* dst = ws + n * kLdwTf32 + c;
+      if (c < len) {  // len is a multiple of 8
+        __pipeline_memcpy_async(dst, w + n * ldw + k0 + c, 16);
+      } else {
+        for (int i = 0; i < 4; ++i) dst[i] = 0.0f;
+      }
+    }
+  } else {
+    for (int e = threadIdx.x; e < ncols * kChunk; e += kThreads) {
+      const int n = kTransposedW ? e / kChunk : e % ncols;
+      const int c = kTransposedW ? e - n * kChunk : e / ncols;
+      float* dst = ws + n * kLdwTf32 + c;
+      if (c < len) {
+        __pipeline_memcpy_async(dst, kTransposedW ? w + n * ldw + k0 + c : w + (k0 + c) * ldw + n, 4);
+      } else {
+        *dst = 0.0f;
+      }
+    }
+  }
+  __pipeline_commit();
+}
+
 // Whether the tensor-core path takes a product: whole 16-column output tiles,
 // whole k steps, and 32-byte aligned fragment rows (the tile's stride is
 // tile_row_stride's). Layer 0 and skip layers, which read d_in + c input
@@ -185,9 +219,12 @@ __device__ void tc_gemm(const float* A, int lda, int a_col0, int kdim, const flo
   // BF16: each chunk of A's columns and of B is converted into shared memory (fragments load from memory).
   __nv_bfloat16* a_bf16 = reinterpret_cast<__nv_bfloat16*>(ws);
   __nv_bfloat16* b_bf16 = a_bf16 + Tl::kRows * kLdBf16;
-  for (int k0 = 0; k0 < kdim; k0 += kChunk) {
+  // TF32: weight chunk i is copied (cp.async) into buffer i % 2 while chunk i - 1 is multiplied.
+  float* const w_buf[2] = {ws, ws + WIDTH * kLdwTf32};
+  if constexpr (!kBf16) stage_weights_async<kTransposedW>(w, ldw, ncols, 0, min(kChunk, kdim), w_buf[0]);
+  for (int k0 = 0, chunk = 0; k0 < kdim; k0 += kChunk, ++chunk) {
     const int len = min(kChunk, kdim - k0);
-    if (k0 > 0) __syncthreads();  // everyone is done with the previous chunk
+    if (k0 > 0) __syncthreads();  // everyone is done with the previous chunk (and with the buffer refilled next)
     if constexpr (kBf16) {
       for (int e = threadIdx.x; e < m_tiles * 16 * kChunk; e += kThreads) {
         const int r = e / kChunk;
@@ -195,10 +232,15 @@ __device__ void tc_gemm(const float* A, int lda, int a_col0, int kdim, const flo
         a_bf16[r * kLdBf16 + c] = __float2bfloat16(c < len ? A[r * lda + a_col0 + k0 + c] : 0.0f);
       }
       stage_weights<float, kTransposedW, __nv_bfloat16>(w, ldw, ncols, k0, len, ncols, b_bf16, kLdBf16);
+    } else if (k0 + kChunk < kdim) {
+      stage_weights_async<kTransposedW>(w, ldw, ncols, k0 + kChunk, min(kChunk, kdim - k0 - kChunk),
+                                        w_buf[(chunk + 1) & 1]);
+      __pipeline_wait_prior(1);  // this chunk's copies are done, the next one's may still fly
     } else {
-      stage_weights<float, kTransposedW>(w, ldw, ncols, k0, len, ncols, ws, kLdwTf32);
+      __pipeline_wait_prior(0);
     }
-    __syncthreads();
+    __syncthreads();  // every thread's part of the chunk is in place
+    const float* w_chunk = w_buf[chunk & 1];
     for (int kk = 0; kk < len; kk += kK) {
       FragA a_hi, a_lo;
       int a_block = -1;
@@ -222,7 +264,7 @@ __device__ void tc_gemm(const float* A, int lda, int a_col0, int kdim, const flo
               if (kMode == GemmMode::kTf32x3) a_lo.x[i] = wmma::__float_to_tf32(v - a_hi.x[i]);
             }
           }
-          wmma::load_matrix_sync(b_hi, ws + nt * 16 * kLdwTf32 + kk, kLdwTf32);
+          wmma::load_matrix_sync(b_hi, w_chunk + nt * 16 * kLdwTf32 + kk, kLdwTf32);
 #pragma unroll
           for (int i = 0; i < b_hi.num_elements; ++i) {
             const float v = b_hi.x[i];

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include <cuda_pipeline.h>
 #include <mma.h>
 
 #include "activations.cuh"
@@ -203,6 +204,17 @@ __global__ void wmma_divergent_kernel(const float* a, const float* b, float* d) 
   if (threadIdx.x < 16) wmma_product_kernel(a, b, d);
 }
 
+// cp.async of 4 floats into shared memory: out[0..3] read before the wait, out[4..7] after it.
+__global__ void cp_async_kernel(const float* src, float* out, int to_global) {
+  TORCHJAC_DYNAMIC_SMEM(smem);
+  float* s = reinterpret_cast<float*>(smem);
+  __pipeline_memcpy_async(to_global ? out + 8 : s, src, 16);
+  __pipeline_commit();
+  for (int i = 0; i < 4; ++i) out[i] = s[i];
+  __pipeline_wait_prior(0);
+  for (int i = 0; i < 4; ++i) out[4 + i] = s[i];
+}
+
 __global__ void empty_kernel() {}
 __global__ void big_smem_kernel() {}
 
@@ -266,6 +278,19 @@ std::string selftest(const std::string& name) {
     cuda_emu::set_fragment_seed(seed);
     TORCH_CHECK(cudaGetLastError() == cudaSuccess, cuda_emu::last_error_detail());
     return result;
+  }
+  if (name == "cp_async" || name == "cp_async_to_global") {
+    alignas(16) float src[4] = {1.0f, 2.0f, 3.0f, 4.0f};
+    alignas(16) float out[12] = {};
+    TORCHJAC_LAUNCH(1, 1, 16, stream, cp_async_kernel)(src, out, name == "cp_async_to_global");
+    TORCH_CHECK(cudaGetLastError() == cudaSuccess, cuda_emu::last_error_detail());
+    bool before_is_nan = true, after_is_copy = true;
+    for (int i = 0; i < 4; ++i) {
+      before_is_nan = before_is_nan && std::isnan(out[i]);
+      after_is_copy = after_is_copy && out[4 + i] == src[i];
+    }
+    return std::string(before_is_nan ? "undefined before the wait" : "defined before the wait") +
+           (after_is_copy ? ", copied after it" : ", wrong after it");
   }
   if (name == "barrier_in_branch") {
     TORCHJAC_LAUNCH(1, 64, 0, stream, barrier_in_branch_kernel)();

@@ -141,6 +141,17 @@ struct Fiber {
 struct Block;
 thread_local Block* running_block = nullptr;
 
+// One thread's cp.async copies: the open batch and the committed ones, oldest first.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  size_t size, zfill;
+};
+struct Pipeline {
+  std::vector<AsyncCopy> open;
+  std::vector<std::vector<AsyncCopy>> committed;
+};
+
 // The lanes of one warp on their way through a warp_collective.
 struct Warp {
   int arrived = 0;
@@ -170,6 +181,8 @@ struct Block {
   int barrier_line = 0;
   std::vector<Warp> warps;
   std::condition_variable warp_cv;
+  std::vector<Pipeline> pipelines;  // per thread
+  size_t smem_bytes = 0;
 };
 
 // Fiber stacks, kept for the life of the OS thread: mapping them per launch
@@ -259,6 +272,7 @@ void order_threads(std::vector<int>& order, std::mt19937_64& rng) {
 void run_block_fibers(Block* b, std::mt19937_64& rng) {
   const int n = b->nthreads;
   b->warps.assign((n + 31) / 32, Warp{});
+  b->pipelines.assign(n, Pipeline{});
   while (static_cast<int>(stack_pool.size()) < n) stack_pool.push_back(new_stack());
   b->fibers.assign(n, Fiber{});
   for (int i = 0; i < n; ++i) {
@@ -315,6 +329,7 @@ void run_block_threads(Block* b) {
   const int n = b->nthreads;
   b->waiting = b->exited = 0;
   b->warps.assign((n + 31) / 32, Warp{});
+  b->pipelines.assign(n, Pipeline{});
   const uint3 bidx = block_idx;
   const dim3 bdim = block_dim, gdim = grid_dim;
   std::vector<std::thread> threads;
@@ -451,6 +466,49 @@ void warp_collective(const char* file, int line, void* lane_data, void (*run)(vo
 }
 
 void device_fatal(const std::string& what) { fatal(what); }
+
+namespace {
+Pipeline& my_pipeline(const char* what) {
+  Block* b = running_block;
+  if (b == nullptr) fatal(std::string(what) + " outside a kernel");
+  const int me = static_cast<int>(thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z));
+  return b->pipelines[me];
+}
+}  // namespace
+
+void pipeline_copy(void* dst, const void* src, size_t size, size_t zfill) {
+  Pipeline& p = my_pipeline("__pipeline_memcpy_async");
+  const Block* b = running_block;
+  if (size != 4 && size != 8 && size != 16) fatal("__pipeline_memcpy_async of " + std::to_string(size) + " bytes");
+  if (reinterpret_cast<uintptr_t>(dst) % size != 0 || reinterpret_cast<uintptr_t>(src) % size != 0) {
+    fatal("__pipeline_memcpy_async: a pointer is not aligned to the copy's " + std::to_string(size) + " bytes");
+  }
+  if (zfill > size) fatal("__pipeline_memcpy_async: zfill exceeds the size");
+  const unsigned char* d = static_cast<const unsigned char*>(dst);
+  if (d < b->smem || d + size > b->smem + b->smem_bytes) {
+    fatal("__pipeline_memcpy_async: the destination is not in the block's dynamic shared memory");
+  }
+  std::memset(dst, 0xff, size);  // undefined until the wait: NaN
+  p.open.push_back(AsyncCopy{dst, src, size, zfill});
+}
+
+void pipeline_commit() {
+  Pipeline& p = my_pipeline("__pipeline_commit");
+  p.committed.push_back(std::move(p.open));
+  p.open.clear();
+}
+
+void pipeline_wait_prior(size_t prior) {
+  Pipeline& p = my_pipeline("__pipeline_wait_prior");
+  const size_t done = p.committed.size() > prior ? p.committed.size() - prior : 0;
+  for (size_t i = 0; i < done; ++i) {
+    for (const AsyncCopy& c : p.committed[i]) {
+      std::memcpy(c.dst, c.src, c.size - c.zfill);
+      std::memset(static_cast<unsigned char*>(c.dst) + (c.size - c.zfill), 0, c.zfill);
+    }
+  }
+  p.committed.erase(p.committed.begin(), p.committed.begin() + static_cast<std::ptrdiff_t>(done));
+}
 
 unsigned char* dynamic_shared_memory() {
   if (running_block == nullptr) fatal("dynamic shared memory outside a kernel");
@@ -589,6 +647,7 @@ void launch_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, c
       smem_bytes > 0 ? static_cast<unsigned char*>(::operator new[]((smem_bytes + 15) / 16 * 16, std::align_val_t(128)))
                      : nullptr);
   b.smem = smem.get();
+  b.smem_bytes = smem_bytes;
   std::mt19937_64 rng(schedule_seed);
   std::vector<uint64_t> block_order(nblocks);
   std::iota(block_order.begin(), block_order.end(), 0);

@@ -87,6 +87,11 @@ uint64_t fragment_generation();
 const int* fragment_map(const char* kind, int size);
 [[noreturn]] void device_fatal(const std::string& what);
 
+// cp.async (include/cuda_pipeline.h): the calling thread's copies, batches and waits.
+void pipeline_copy(void* dst, const void* src, size_t size, size_t zfill);
+void pipeline_commit();
+void pipeline_wait_prior(size_t prior);
+
 cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value);
 cudaError_t occupancy_max_active_blocks(int* blocks, const void* kernel, int threads, size_t smem_bytes);
 cudaError_t memset_async(void* ptr, int value, size_t bytes, cudaStream_t stream);
