@@ -23,7 +23,7 @@ from torch.func import jacrev, vmap
 import torchjac  # noqa: F401
 from cuda_backend import EMULATED, requires_kernels
 from test_cuda_forward import (ACTIVATION_CASES, ORACLE_ACTIVATIONS, SOFTPLUS, fused, make_mlp, max_rel_err,
-                               no_cond, oracle, points)
+                               no_cond, oracle, oracle_hessian, points)
 
 pytestmark = requires_kernels
 
@@ -65,15 +65,22 @@ def warp_collectives():
     return torch.ops.torchjac_emu.stat("warp_collectives") if EMULATED else None
 
 
-def _act_and_slope(code, p0, p1, z):
+def _act_derivatives(code, p0, p1, z):
+    """act(z), act'(z), act''(z), element-wise, by forward-over-forward autodiff of the oracle's activation."""
     f = ORACLE_ACTIVATIONS[code]
-    value, slope = torch.func.jvp(lambda v: f(v, p0, p1), (z,), (torch.ones_like(z),))
-    return value, slope
+
+    def value_and_slope(v):
+        return torch.func.jvp(lambda u: f(u, p0, p1), (v,), (torch.ones_like(v),))
+
+    (value, slope), (_, curvature) = torch.func.jvp(value_and_slope, (z,), (torch.ones_like(z),))
+    return value, slope, curvature
 
 
-def error_bound(mlp, x, cond, mode):
-    """Bounds on the errors of y and J per entry, in float64, as docs/cuda.md states them:
-    (worst case, probabilistic), each a pair (y, J). Both propagate each layer's errors through the
+def row_bounds(mlp, x, cond, mode, tangents=None, second_order=None):
+    """Bounds on the errors of each point's output rows [y; J v_1; ..; J v_k] (tangents (..., k, d_in),
+    default the basis of x), then with second_order="laplacian" the collapsed row sum_j d2y/dx_j^2, with
+    "hessian" one row per pair a <= b (torch.triu_indices order), in float64, as docs/cuda.md states them:
+    (worst case, probabilistic), each shaped (..., rows, d_out). Both propagate each layer's errors through the
     network's sensitivities s = d out / d (pre-activation or output rows), from float64 autograd:
       worst case:    sum |s| * (eps(K) |W| |a| on the products, ACTIVATION_ERROR |a_l| on the activations);
       probabilistic: LAMBDA * sqrt(sum s^2 var) + sum |s| K u_acc |W| |a|, where the input roundings are
@@ -84,15 +91,20 @@ def error_bound(mlp, x, cond, mode):
     d_in, c = x.shape[-1], cond.shape[-1]
     xs = x.detach().reshape(-1, d_in).double()
     cs = cond.detach().expand(*x.shape[:-1], c).reshape(xs.shape[0], c).double()
-    k = d_in
+    if tangents is None:
+        tangents = torch.eye(d_in, dtype=torch.float64).expand(*x.shape[:-1], d_in, d_in)
+    k = tangents.shape[-2]
+    vs = tangents.detach().reshape(-1, k, d_in).double()
+    pairs = torch.triu_indices(k, k).tolist() if second_order == "hessian" else None
+    m = {None: 0, "laplacian": 1, "hessian": k * (k + 1) // 2}[second_order]
     u_in = input_roundoff(mode)
     factors = 3 if mode == "highest" else 2
 
-    def rows(xp, cp, deltas, etas):
+    def rows(xp, cp, vp, deltas, etas):
         """The kernels' rows [h; t_1..t_k] through the layers, deltas added to the pre-activation rows and
         etas to the output rows of each layer; also each layer's |a| |W|^T, a^2 (W^2)^T and |output rows|."""
-        x_rows = torch.cat([xp[None], torch.eye(k, dtype=xp.dtype)])
-        c_rows = torch.cat([cp[None], cp.new_zeros(k, c)])
+        x_rows = torch.cat([xp[None], vp, vp.new_zeros(m, d_in)])  # x's second derivatives are 0
+        c_rows = torch.cat([cp[None], cp.new_zeros(k + m, c)])
         r, aux = None, []
         for layer, (w, b) in enumerate(zip(ws, bs)):
             if layer == 0:
@@ -101,17 +113,22 @@ def error_bound(mlp, x, cond, mode):
                 inp = torch.cat([r, x_rows, c_rows], 1)
             else:
                 inp = r
-            zrows = inp @ w.T + torch.cat([b[None], b.new_zeros(k, b.shape[0])]) + deltas[layer]
-            value, slope = _act_and_slope(mlp.activations[layer], mlp.params[2 * layer], mlp.params[2 * layer + 1],
-                                          zrows[0])
-            r = torch.cat([value[None], slope * zrows[1:]]) + etas[layer]
+            zrows = inp @ w.T + torch.cat([b[None], b.new_zeros(k + m, b.shape[0])]) + deltas[layer]
+            value, slope, curvature = _act_derivatives(mlp.activations[layer], mlp.params[2 * layer],
+                                                       mlp.params[2 * layer + 1], zrows[0])
+            tz, sz = zrows[1:1 + k], zrows[1 + k:]
+            if second_order == "laplacian":  # the tangents before they are scaled, as the kernels do
+                sz = slope * sz + curvature * tz.square().sum(0)
+            elif second_order == "hessian":
+                sz = slope * sz + curvature * torch.stack([tz[a] * tz[b] for a, b in zip(*pairs)])
+            r = torch.cat([value[None], slope * tz, sz]) + etas[layer]
             aux.append((inp.abs() @ w.abs().T, inp.square() @ w.square().T, r.abs()))
         return r, aux
 
-    zeros = [xs.new_zeros(xs.shape[0], k + 1, w.shape[0]) for w in ws]
+    zeros = [xs.new_zeros(xs.shape[0], 1 + k + m, w.shape[0]) for w in ws]  # the perturbations, at 0
 
-    def point_bounds(xp, cp, dz, da):
-        sens, aux = jacrev(rows, argnums=(2, 3), has_aux=True)(xp, cp, dz, da)
+    def point_bounds(xp, cp, vp, dz, da):
+        sens, aux = jacrev(rows, argnums=(3, 4), has_aux=True)(xp, cp, vp, dz, da)
         worst, var, acc = 0, 0, 0
         for layer, w in enumerate(ws):
             fan_in = w.shape[1]
@@ -124,13 +141,17 @@ def error_bound(mlp, x, cond, mode):
             acc = acc + (s_z.abs() * (accumulation_error(mode, fan_in) * abs_prod)).sum((-2, -1))
         return worst, LAMBDA * var.sqrt() + acc  # each (1 + k, d_out)
 
-    d_out = ws[-1].shape[0]
-    lead = x.shape[:-1]
+    worst, probable = vmap(point_bounds)(xs, cs, vs, zeros, zeros)
+    shape = (*x.shape[:-1], 1 + k + m, ws[-1].shape[0])
+    return worst.reshape(shape), probable.reshape(shape)
 
-    def split(b):  # rows (points, 1 + k, d_out) -> (y bound, J bound)
-        return b[:, 0].reshape(*lead, d_out), b[:, 1:].transpose(1, 2).reshape(*lead, d_out, d_in)
 
-    worst, probable = vmap(point_bounds)(xs, cs, zeros, zeros)
+def error_bound(mlp, x, cond, mode):
+    """row_bounds for the basis tangents, as (y, J) pairs: ((worst y, worst J), (probable y, probable J))."""
+    def split(b):  # rows (..., 1 + d_in, d_out) -> (y bound, J bound)
+        return b[..., 0, :], b[..., 1:, :].transpose(-1, -2)
+
+    worst, probable = row_bounds(mlp, x, cond, mode)
     return split(worst), split(probable)
 
 
@@ -236,6 +257,59 @@ def test_cond_and_skips_within_bound(cond_rows, mode):
     x = points(2, 20, d_in=3, dtype=torch.float64)
     cond = points(2, 20 if cond_rows == "per_point" else 1, d_in=5, dtype=torch.float64, seed=4)
     check_within_bound(mlp, x, cond, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_jvp_and_hutchinson_within_bound(mode):
+    """Given tangents and Rademacher noise: J v within the rows' bounds; the Hutchinson estimate
+    mean_s e_s . (J e_s) within mean_s |e_s| . bound(J e_s) (the final dot product adds 16 u of its terms)."""
+    mlp = make_mlp(3, 3, [64] * 3, c=2, seed=7).to(torch.float32)
+    x = points(30, d_in=3, dtype=torch.float32)
+    cond = points(30, d_in=2, dtype=torch.float32, seed=8)
+    tangents = points(30, 2, d_in=3, dtype=torch.float32, seed=9)
+    noise = (torch.randint(0, 2, (30, 4, 3), generator=torch.Generator().manual_seed(10)) * 2 - 1).to(x)
+    _, jac64 = oracle(mlp, x, cond)
+    with matmul_precision(mode):
+        _, jvp = fused("mlp_jvp", x, cond, *mlp.args(), tangents)
+        _, hutch = fused("mlp_hutchinson", x, cond, *mlp.args(), noise)
+    cases = {"jvp": (jvp, torch.einsum("nij,nkj->nki", jac64, tangents.double()), tangents)}
+    e = noise.double()
+    je = torch.einsum("nij,nsj->nsi", jac64, e)
+    cases["hutchinson"] = (hutch, (e * je).sum(-1).mean(-1), noise)
+    for what, (got, want, directions) in cases.items():
+        worst, probable = row_bounds(mlp, x, cond, mode, directions)
+        err = (got.double() - want).abs()
+        for name, rows, allowed in (("worst-case", worst, 2.0), ("probabilistic", probable, 1.0)):
+            bound = rows[..., 1:, :]
+            if what == "hutchinson":
+                bound = ((e.abs() * bound).sum(-1) + 16 * 2.0**-24 * (e * je).abs().sum(-1)).mean(-1)
+            ratio = bound_ratio(err, bound).max().item()
+            assert ratio <= allowed, f"{mode} {what}: {ratio:.2f}x the {name} bound"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("act", [("tanh", 7, 0.0, 0.0), ("softplus", 3, 1.0, 20.0), ("sine", 10, 3.0, 0.0)],
+                         ids=lambda a: a[0])
+def test_second_order_within_bound(act, mode):
+    """The Laplacian's collapsed row and the Hessian's pair rows through the same products, against
+    vmap(hessian), within their rows' bounds (the rows' act'' term included)."""
+    _, code, p0, p1 = act
+    mlp = make_mlp(3, 2, [64] * 3, act=(code, p0, p1), last_act=(code, p0, p1), seed=11).to(torch.float32)
+    x = points(20, d_in=3, dtype=torch.float32)
+    cond = no_cond(x)
+    _, hess = oracle_hessian(mlp, x, cond)
+    with matmul_precision(mode):
+        _, lap = fused("mlp_laplacian", x, cond, *mlp.args())
+        _, hes = fused("mlp_hessian", x, cond, *mlp.args())
+    a, b = torch.triu_indices(3, 3)
+    for what, got, want in (("laplacian", lap, hess.diagonal(0, -2, -1).sum(-1)),
+                            ("hessian", hes[..., a, b].transpose(-1, -2), hess[..., a, b].transpose(-1, -2))):
+        worst, probable = row_bounds(mlp, x, cond, mode, second_order=what)
+        err = (got.double() - want).abs()
+        for name, rows, allowed in (("worst-case", worst, 2.0), ("probabilistic", probable, 1.0)):
+            bound = rows[..., 4, :] if what == "laplacian" else rows[..., 4:, :]
+            ratio = bound_ratio(err, bound).max().item()
+            assert ratio <= allowed, f"{mode} {what}: {ratio:.2f}x the {name} bound"
 
 
 def test_width_off_the_tensor_core_grid_runs_simt():
