@@ -107,3 +107,56 @@ def test_explain_reports_each_path():
     assert torchjac.explain(nn.Sequential(nn.Conv1d(3, 8, 1), nn.ReLU(), nn.Conv1d(8, 3, 1))).path == "fused"
     assert torchjac.explain(nn.BatchNorm1d(3)).path == "refused"
     assert torchjac.explain(torch.tanh).path == "generic"
+
+
+# ---- torchdiffeq's hypernetwork CNF: two Linear layers written as per-unit batched matmuls
+
+class _UnitBatched(nn.Module):
+    """dz/dt = reduce_u U_u act(W_u . z + B_u), with W (width, d, 1), B (width, 1, 1), U (width, 1, d)
+    computed from t, written as torchdiffeq's cnf example writes it, in the variants users write."""
+
+    def __init__(self, d=2, width=8, spread="repeat", reduce="mean", reduce_dim=0):
+        super().__init__()
+        self.d, self.width, self.spread, self.reduce, self.reduce_dim = d, width, spread, reduce, reduce_dim
+        self.hyper = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, width * (2 * d + 1)))
+
+    def forward(self, t, z):
+        p = self.hyper(t.reshape(1, 1)).reshape(-1)
+        n = self.width * self.d
+        W = p[:n].reshape(self.width, self.d, 1)
+        U = p[n:2 * n].reshape(self.width, 1, self.d)
+        B = p[2 * n:].reshape(self.width, 1, 1)
+        Z = z.unsqueeze(0)
+        Z = Z.repeat(self.width, 1, 1) if self.spread == "repeat" else Z.expand(self.width, -1, -1)
+        h = torch.tanh(B + torch.matmul(Z, W))
+        terms = torch.matmul(h, U)
+        return terms.mean(self.reduce_dim) if self.reduce == "mean" else terms.sum(self.reduce_dim)
+
+
+@pytest.mark.parametrize("spread,reduce", [("repeat", "mean"), ("expand", "sum")])
+def test_per_unit_batched_matmuls_are_fused(spread, reduce):
+    torch.manual_seed(0)
+    f = _UnitBatched(spread=spread, reduce=reduce).double()
+    t = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    z = torch.randn(11, 2, dtype=torch.float64, requires_grad=True)
+    assert torchjac.explain(f, z, cond=t, x_arg="z").path == "fused"
+    with ops_seen() as seen:
+        y, div = torchjac.divergence(f, z, cond=t, x_arg="z", return_output=True)
+    assert seen & {"torchjac.mlp_divergence"}
+    y_ref, jac_ref = autograd_jacobian(lambda p, c: f(c, p), z, t)
+    assert_close64(y, y_ref)
+    assert_close64(div, jac_ref.diagonal(0, -2, -1).sum(-1))
+    leaves = [z, t, *f.parameters()]
+    expected = torch.autograd.grad((jac_ref.diagonal(0, -2, -1).sum(-1) ** 2).sum() + y_ref.sum(), leaves)
+    actual = torch.autograd.grad((div ** 2).sum() + y.sum(), leaves)
+    for a, e in zip(actual, expected):
+        assert_close64(a, e)
+
+
+def test_per_unit_batch_reduced_over_points_is_refused():
+    """A mean over dim 1 (the points) is not a Linear layer of the units: the generic path, and explain says why."""
+    f = _UnitBatched(reduce_dim=1).double()
+    z = torch.randn(5, 2, dtype=torch.float64)
+    t = torch.tensor([0.3], dtype=torch.float64)
+    why = torchjac.explain(f, z, cond=t, x_arg="z")
+    assert why.path == "generic" and "per-unit batch" in why.detail and "sum or mean over dim 0" in why.detail, why

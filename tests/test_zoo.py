@@ -145,7 +145,9 @@ def ffjord(layer_type, nonlinearity):
 def hyper_cnf():
     m = _perturb(zoo.HyperCNF(2, 16, 16).double(), 0.2)
     t = torch.tensor([0.4], dtype=torch.float64)
-    return Case(m, lambda z, t: m(t, z), _points(16, 2), t, cnf_nll, ("generic", "not an nn.Module"), square=True)
+    return Case(m, lambda z, t: m(t, z), _points(16, 2), t, cnf_nll,
+                ("fused", "2 Linear layers, layers [0] modulated by cond, the weights of layers [0, 1] computed from "
+                          "cond"), square=True, x_arg="z")
 
 
 class _Apply(nn.Module):
@@ -348,16 +350,17 @@ def test_explain_says_which_path_runs(name):
         assert bool(seen & FUSED_OPS) == (why.path == "fused"), (why, sorted(seen & FUSED_OPS))
 
 
-# Generic today: nerf (two heads, the view directions' encoding),
-# hyper_cnf (matmul of repeated points), nerfies_* (their annealed encoding, SE(3) math). Fused: neus and idr (frequency encoding, output slices), igr, every
-# ffjord_* (x_arg="y"; t concatenated, gates, hyper weights and blends folded), siren_* (BatchLinear's parameter
-# views, SineLayer blocks), pointnet (Conv1d stack), hyper_cnf_functional_call (nn.Sequential).
+# Generic today: nerf (two heads, the view directions' encoding), nerfies_* (their annealed encoding, SE(3)
+# math). Fused: neus and idr (frequency encoding, output slices), igr, deepsdf, every ffjord_* (x_arg="y"; t
+# concatenated, gates, hyper weights and blends folded), hyper_cnf (x_arg="z"; per-unit batched matmuls with
+# weights from t), siren_* (BatchLinear's parameter views, SineLayer blocks), pointnet (Conv1d stack),
+# hyper_cnf_functional_call (nn.Sequential).
 
 
 # ---- compiled training steps: one per model, small, aot_eager (inductor's C++ build is too slow here)
 
 COMPILED = ["neus", "idr", "igr", "deepsdf", "ffjord_concat", "ffjord_concatsquash", "ffjord_hyper", "ffjord_blend",
-            "siren_fcblock", "hyper_cnf_functional_call", "siren_metasequential", "pointnet", "nerfies_se3"]
+            "siren_fcblock", "hyper_cnf", "hyper_cnf_functional_call", "siren_metasequential", "pointnet", "nerfies_se3"]
 
 
 @pytest.mark.parametrize("name", COMPILED)

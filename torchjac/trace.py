@@ -134,6 +134,31 @@ class _Ones(NamedTuple):
     node: str
 
 
+class _UnitBatch(NamedTuple):
+    """Input columns repeated along a new leading dim, one entry per unit (torchdiffeq's hypernetwork CNF:
+    ``z.unsqueeze(0).repeat(width, 1, 1)``); width is None between the unsqueeze and the repeat."""
+    blocks: "_Blocks"
+    width: Optional[int]
+
+
+class _UnitMajor(NamedTuple):
+    """A layer's output laid out units first, (width, points, 1): ``matmul(Z, W)`` of a _UnitBatch with W
+    (width, d, 1) computed from cond is the Linear layer of weight W[:, :, 0]."""
+    out: _LayerOut
+    width: int
+
+
+class _UnitTerms(NamedTuple):
+    """``matmul(h, U)`` of a _UnitMajor output with U (width, 1, d) computed from cond: the per-unit terms
+    h_u U_u, which a sum (or mean) over the units makes the Linear layer of weight U[:, 0, :].t()."""
+    out: _LayerOut
+    weight: int  # the cond program value of U
+    width: int
+
+
+_UNIT_VALUES = (_UnitBatch, _UnitMajor, _UnitTerms)
+
+
 class _Meta(NamedTuple):
     """A shape, a slice, a specialized argument or a guard on one: no feature values (why: what reading it as
     features would need)."""
@@ -153,6 +178,8 @@ _ADD = {operator.add, torch.add, "add"}
 _SUB = {operator.sub, torch.sub, "sub"}
 _LINEAR = {F.linear, "linear"}
 _MATMUL = {operator.matmul, torch.matmul, torch.mm, "matmul", "mm"}
+_UNSQUEEZE = {torch.unsqueeze, "unsqueeze"}
+_REDUCE_UNITS = {torch.sum: "sum", "sum": "sum", torch.mean: "mean", "mean": "mean"}
 
 
 _SHAPE = {"size", "dim", operator.getitem, getattr}
@@ -197,7 +224,7 @@ def _scalar(value) -> Optional[float]:
 
 def _has_features(value) -> bool:
     """Whether value is, or holds, a feature tensor (anything but shapes, constants and guards)."""
-    if isinstance(value, (_Blocks, _LayerOut, _Rows, _Combo)):
+    if isinstance(value, (_Blocks, _LayerOut, _Rows, _Combo) + _UNIT_VALUES):
         return True
     if isinstance(value, (list, tuple)) and not isinstance(value, (_Meta, _Const)):
         return any(_has_features(v) for v in value)
@@ -215,7 +242,7 @@ def _describe(value) -> str:
         return f"{value.node!r} (a shape, a slice or a specialized argument)"
     if isinstance(value, _Ones):
         return "ones_like(...)"
-    if isinstance(value, (_LayerOut, _Rows, _Combo)):
+    if isinstance(value, (_LayerOut, _Rows, _Combo) + _UNIT_VALUES):
         return "a layer's output"
     return type(value).__name__
 
@@ -529,6 +556,58 @@ class _Interpreter:
         layer.modulation.append((op, ValueRef(value.ref)))
         return _LayerOut(out.index, 1.0, False, out.combined)
 
+    # -- torchdiffeq's hypernetwork CNF: one unit per entry of a batch dim
+
+    def unit_step(self, node, key, args, kwargs):
+        """A step of ``matmul(tanh(matmul(z.unsqueeze(0).repeat(width, 1, 1), W) + B), U).mean(0)`` with W,
+        B, U computed from cond: two Linear layers written as per-unit batched products. None if node has
+        no part in such a chain."""
+        values = _flat(list(args) + list(kwargs.values()))
+        if not any(isinstance(a, _UNIT_VALUES) for a in values):
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            if key in _UNSQUEEZE and args and isinstance(args[0], _Blocks) and dim == 0 and self.ndim == 2:
+                return _UnitBatch(args[0], None)
+            return None
+        first = args[0] if args else None
+        other = args[1] if len(args) > 1 else None
+        if isinstance(first, _UnitBatch) and first.width is None and key in ("repeat", "expand") and not kwargs:
+            sizes = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list)) else tuple(args[1:])
+            rest = (1, 1) if key == "repeat" else (-1, -1)
+            if len(sizes) == 3 and isinstance(sizes[0], int) and sizes[0] > 0 and sizes[1:] == rest:
+                return first._replace(width=sizes[0])
+        if key in _MATMUL and not kwargs and isinstance(other, _CondValue):
+            if isinstance(first, _UnitBatch) and first.width is not None:  # Z @ W, W (width, d, 1)
+                weight = self.record("method", "view", (other, first.width, -1), {}, node)
+                out = self.linear("matmul with per-unit weights from cond", first.blocks, node)
+                self.layers[-1].weight_value = (weight.ref, None)
+                return _UnitMajor(out, first.width)
+            if isinstance(first, _UnitMajor):  # h @ U, U (width, 1, d)
+                return _UnitTerms(first.out, other.ref, first.width)
+        if key in _ADD and not kwargs and len(args) == 2:
+            unit, value = (first, other) if isinstance(first, _UnitMajor) else (other, first)
+            if isinstance(unit, _UnitMajor) and isinstance(value, _CondValue):  # + B, B (width, 1, 1)
+                bias = self.record("method", "reshape", (value, unit.width), {}, node)
+                return unit._replace(out=self.modulate(unit.out, "add", bias, node))
+        encoded = _functional_activation(key, args, kwargs)
+        if encoded is not None and isinstance(first, _UnitMajor):
+            return first._replace(out=self.activation(first.out, encoded, node))
+        if key in _REDUCE_UNITS and isinstance(first, _UnitTerms):
+            dim = other if other is not None else kwargs.get("dim")
+            if dim in (0, (0,), [0]) and not kwargs.get("keepdim", False) and len(args) <= 2:
+                u = ValueRef(first.weight)
+                weight = self.record("method", "t", (self.record("method", "reshape", (u, first.width, -1), {}, node),),
+                                     {}, node)
+                if _REDUCE_UNITS[key] == "mean":
+                    weight = self.record("function", "truediv", (weight, float(first.width)), {}, node)
+                out = self.linear("matmul with per-unit weights from cond, summed over the units",
+                                  self.blocks(first.out, node), node)
+                self.layers[-1].weight_value = (weight.ref, None)
+                return out
+        raise NotFusable(f"node {node.name!r}: {_target_name(node)} of a per-unit batch (the layout of "
+                         f"z.unsqueeze(0).repeat(width, 1, 1)); the fused path follows matmul(Z, W) + B with W "
+                         f"(width, d, 1) and B (width, 1, 1) computed from cond, an activation, matmul(h, U) with U "
+                         f"(width, 1, d) from cond, and a sum or mean over dim 0, only")
+
     def dropout(self, node, args, kwargs):
         """F.dropout / torch.dropout: the identity in eval mode (training=False) or with p=0."""
         functional = node.target is F.dropout
@@ -672,6 +751,8 @@ class _Interpreter:
                     env[node.name] = self.linear(target, self.blocks(args[0], node), node, module_call=True)
                 elif act.computes_as(sub, nn.Identity) or (act.computes_as(sub, nn.Dropout) and not sub.training):
                     env[node.name] = args[0]
+                elif encoded is not None and isinstance(args[0], _UnitMajor):
+                    env[node.name] = args[0]._replace(out=self.activation(args[0].out, encoded, node))
                 elif encoded is not None:
                     env[node.name] = self.activation(args[0], encoded, node)
                 else:
@@ -681,7 +762,9 @@ class _Interpreter:
                 key = target if node.op == "call_function" else str(target)
                 encoded = _functional_activation(key, args, kwargs)
                 cond_args = any(isinstance(a, _CondValue) for a in _flat(list(args) + list(kwargs.values())))
-                if key in ("t", torch.t) and len(args) == 1 and isinstance(args[0], _ParamView) and args[0].view in (
+                if (unit := self.unit_step(node, key, args, kwargs)) is not None:
+                    env[node.name] = unit
+                elif key in ("t", torch.t) and len(args) == 1 and isinstance(args[0], _ParamView) and args[0].view in (
                         "same", "t"):  # W.t(), as h @ W.t() takes a Linear's weight
                     env[node.name] = args[0]._replace(view="t" if args[0].view == "same" else "same")
                 elif (key is getattr and args[1] in _SHAPE_ATTRIBUTES) or key in ("size", "dim"):
