@@ -25,6 +25,9 @@ Rows (float32, 2 threads by default; the models come from tests/zoo.py where it 
   ffjord    zoo.ODEnet at FFJORD's MINIBOONE size (d = 43, concatsquash 860-860, softplus), forward(t, y) with
             one t, 1,024 points: the exact and Hutchinson divergences and their training steps against FFJORD's
             divergence_bf and divergence_approx (torchjac given x_arg="y");
+  hyper_cnf zoo.HyperCNF at torchdiffeq's cnf example size (2-d, width 64, hypernetwork 1-32-32-448, one t,
+            512 samples), forward(t, z): the same four groups (torchjac given x_arg="z"); torchdiffeq's
+            trace_df_dz is the divergence_bf loop;
   pointnet  zoo.pointnet_shared_mlp((64, 128, 256)) in eval mode on (4, 3, 1024): the per-point
             Jacobian against vmap(jacfwd), one torch.func.jvp per input dim and the autograd loop;
   pinn      nn.Sequential 3-128x4-1 Tanh, 16,384 points: the exact Laplacian and the Hessian against
@@ -211,6 +214,7 @@ class Row:
     # a point's derivative by far more than rounding (the baseline's too), so the check runs every method in
     # float64 instead
     check_float64: bool = False
+    x_arg: Optional[str] = None  # "ode" rows: the name of x in forward(t, x)
 
 
 def sdf_groups():
@@ -351,12 +355,14 @@ def oracle_ode_jacobian(f, b):
     return vmap(jacrev(lambda p: f(b.cond, p[None])[0]), chunk_size=256)(b.x)
 
 
-def ffjord_groups():
+def ode_groups(x_arg):
+    """Dynamics forward(t, <x_arg>) with one t: torchjac given x_arg, against FFJORD's (and torchdiffeq's
+    trace_df_dz, the same loop) divergence_bf and divergence_approx."""
     def tj_exact(f, b):
-        return torchjac.divergence(f, b.x, cond=b.cond, x_arg="y", return_output=True)
+        return torchjac.divergence(f, b.x, cond=b.cond, x_arg=x_arg, return_output=True)
 
     def tj_hutchinson(f, b):
-        return torchjac.divergence(f, b.x, cond=b.cond, x_arg="y", estimator="hutchinson", noise=b.noise,
+        return torchjac.divergence(f, b.x, cond=b.cond, x_arg=x_arg, estimator="hutchinson", noise=b.noise,
                                    return_output=True)
 
     return {
@@ -468,7 +474,9 @@ ROWS = {
     "cnf_ffjord": Row("CNF dynamics 3+1-256x3-3 Tanh, ones_like(x[:, :1]) * t", FFJORDODEFunc, 16384,
                       cnf_groups(), "cnf"),
     "ffjord": Row("zoo.ODEnet as FFJORD's MINIBOONE: 43-860x2-43 concatsquash, softplus, one t",
-                  ffjord_net, 1024, ffjord_groups(), "ode", d=43),
+                  ffjord_net, 1024, ode_groups("y"), "ode", d=43, x_arg="y"),
+    "hyper_cnf": Row("zoo.HyperCNF as torchdiffeq's cnf example: 2-d, width 64, hypernetwork 1-32-32, one t, "
+                     "512 samples", lambda: zoo.HyperCNF(2, 32, 64), 512, ode_groups("z"), "ode", d=2, x_arg="z"),
     "pointnet": Row("zoo.pointnet_shared_mlp((64, 128, 256)), eval, (4, 3, N)", pointnet, 4096,
                     {"jacobian": Group({"torchjac": lambda f, b: torchjac.jacobian(f, b.x),
                                         "vmap_jacfwd": pointnet_vmap_jacfwd,
@@ -516,7 +524,7 @@ def explain(row_name):
     """explain()'s path for the row's model, and whether a torchjac op actually ran."""
     row = ROWS[row_name]
     f, b = build(row), make_batch(row, 8)
-    why = torchjac.explain(f, b.x, cond=b.cond, x_arg="y" if row.kind == "ode" else None)
+    why = torchjac.explain(f, b.x, cond=b.cond, x_arg=row.x_arg)
     with ops_seen() as seen, torch.no_grad():
         next(iter(row.groups.values())).methods["torchjac"](f, b)
     ran = "fused" if any(op.startswith("torchjac.") for op in seen) else "generic"
