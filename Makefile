@@ -14,8 +14,10 @@ test: setup
 	$(MAKE) --no-print-directory emulation
 
 # The CUDA tests against the host emulation of the kernels (tests/cuda_emulation),
-# in two processes: the backward tests take the longest. The build is cached in build/.
-EMULATE = TORCHJAC_EMULATE_CUDA=1 $(PYTHON) -m pytest -q -p no:cacheprovider
+# in two processes: the backward tests take the longest. One torch thread each, as
+# the two share the machine's cores (two threads each made both a third slower).
+# The build is cached in build/.
+EMULATE = TORCHJAC_EMULATE_CUDA=1 OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -p no:cacheprovider
 emulation:
 	$(PYTHON) -c "import sys; sys.path.insert(0, 'tests'); from cuda_emulation import build; build.load()"
 	$(EMULATE) tests/test_cuda_backward.py & backward=$$!; \

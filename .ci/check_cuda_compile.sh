@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compile-checks the CUDA sources on a machine without a GPU:
-#   1. every csrc/cuda/*.cu (torch-independent) with nvcc -c for sm_80 and sm_90;
+#   1. every csrc/cuda/*.cu (torch-independent) with nvcc -c for sm_80 and sm_90, and for
+#      sm_75, where the tensor-core code must compile out (torch's default arch list has 7.x);
 #   2. every csrc/cuda/*.cpp (the torch glue) with the host compiler, against
 #      torch's headers and the CUDA headers, as setup.py would with TORCHJAC_WITH_CUDA.
 # Works with the CPU-only torch wheel (only its headers are used). Exits
@@ -39,12 +40,13 @@ total_start=$(now)
 
 # Same flags as setup.py's nvcc flags, minus --use_fast_math (the kernels refuse it).
 NVCC_FLAGS=(-std=c++17 -O3 -lineinfo --threads "$NVCC_THREADS"
-            -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -Icsrc)
+            -gencode arch=compute_75,code=sm_75 -gencode arch=compute_80,code=sm_80
+            -gencode arch=compute_90,code=sm_90 -Icsrc)
 for src in csrc/cuda/*.cu; do
   [ -e "$src" ] || continue
   start=$(now)
   if "$NVCC" "${NVCC_FLAGS[@]}" -c "$src" -o "$OUT/$(basename "$src").o"; then
-    echo "  ok    $src (sm_80 + sm_90): $(elapsed "$start") s"
+    echo "  ok    $src (sm_75 + sm_80 + sm_90): $(elapsed "$start") s"
   else
     echo "  FAIL  $src"
     failures=$((failures + 1))

@@ -459,13 +459,14 @@ def main():
     log(f"  FLOP/s below use the FP32 peak {env['fp32_peak_tflops']:.1f} TFLOP/s ({env['fp32_peak_source']})")
     started = time.time()
     results = []
+    user_precision = torch.get_float32_matmul_precision()
     for precision in args.precisions:
         torch.set_float32_matmul_precision(precision)
         for n in args.points:
             for width in args.widths:
                 for mode in args.modes:
                     results += run_config(mode, width, n, args, env)
-    torch.set_float32_matmul_precision("highest")
+    torch.set_float32_matmul_precision(user_precision)
     huge = []
     if args.huge:
         log(f"single call on {args.huge:,} points")

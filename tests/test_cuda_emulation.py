@@ -76,6 +76,7 @@ DIVERGENT_SCRIPT = textwrap.dedent("""
     ("two_barriers", "divergent barrier"),
     ("wmma_divergent", "divergent warp: lane 0 of warp 0 waits in a warp collective"),
     ("wmma_misaligned", "store_matrix_sync: the pointer is not 256-bit aligned"),
+    ("wmma_lane_pointers", "load_matrix_sync: lanes of one warp pass different pointers, strides or layouts"),
     ("cp_async_to_global", "__pipeline_memcpy_async: the destination is not in the block's dynamic shared memory"),
 ])
 def test_divergent_barriers_are_fatal(name, message):
@@ -83,6 +84,16 @@ def test_divergent_barriers_are_fatal(name, message):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
+
+
+def test_divergent_warp_is_fatal_on_the_thread_backend():
+    """With one OS thread per CUDA thread (the sanitizers' backend) a lane left alone in an MMA is reported, not
+    waited for forever."""
+    script = DIVERGENT_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), name="wmma_divergent")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TORCHJAC_EMU_THREADS": "1"})
+    assert result.returncode != 0
+    assert "divergent warp" in result.stderr, result.stderr[-2000:]
 
 
 def test_wmma_product_is_exact_under_any_fragment_mapping():

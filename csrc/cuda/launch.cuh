@@ -10,5 +10,5 @@
 #define TORCHJAC_DYNAMIC_SMEM(name) unsigned char* const name = ::cuda_emu::dynamic_shared_memory()
 #else
 #define TORCHJAC_LAUNCH(grid, block, smem_bytes, stream, ...) __VA_ARGS__<<<grid, block, smem_bytes, stream>>>
-#define TORCHJAC_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define TORCHJAC_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]  // WMMA needs 32
 #endif

@@ -39,14 +39,19 @@ enum class GemmMode : int {
   kBf16 = 3,    // "medium": BF16 inputs, FP32 accumulation
 };
 
-__host__ __device__ inline GemmMode gemm_mode_for(MatmulPrecision precision, ScalarKind dtype) {
-  if (dtype != ScalarKind::kFloat32) return GemmMode::kSimt;
+// The mode a call runs in. Tensor cores need sm_80 or later, and a hidden
+// width that is a multiple of 16: otherwise no product could take them
+// (tc_product), and the call keeps the SIMT layout (odd stride, less staging).
+inline GemmMode plan_gemm_mode(MatmulPrecision precision, ScalarKind dtype, int64_t hidden, int cc_major) {
+  if (dtype != ScalarKind::kFloat32 || cc_major < 8 || hidden == 0 || hidden % 16 != 0) return GemmMode::kSimt;
   switch (precision) {
     case MatmulPrecision::kHigh: return GemmMode::kTf32;
     case MatmulPrecision::kMedium: return GemmMode::kBf16;
     default: return GemmMode::kTf32x3;
   }
 }
+
+__host__ __device__ inline int tc_k_step(GemmMode mode) { return mode == GemmMode::kBf16 ? 16 : 8; }
 
 // The tile's row stride for `cols` columns: odd for SIMT (conflict-free
 // scalar reads); for WMMA a multiple of 4 floats that is 4 mod 32, so rows
@@ -143,6 +148,16 @@ __device__ void pair_gemm(const T* A, int lda, int a_col0, int kdim, const T* w,
     if (row[q] < active_rows) store(row[q], col[q], acc[q]);
 }
 
+// The tensor-core code needs sm_80 (TF32 and BF16 fragments, cp.async); a device
+// pass for an older architecture compiles the SIMT products only, and the host
+// never picks a tensor-core mode there (plan_gemm_mode).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define TORCHJAC_TENSOR_CORES 1
+#else
+#define TORCHJAC_TENSOR_CORES 0
+#endif
+
+#if TORCHJAC_TENSOR_CORES
 // stage_weights into rows of kLdwTf32 floats with cp.async, committed as one
 // batch: 16-byte copies where the weight rows allow (the transposed layout with
 // 16-byte aligned rows), else 4-byte ones (the non-transposed layout is a
@@ -182,8 +197,7 @@ __device__ void stage_weights_async(const float* w, int64_t ldw, int ncols, int 
 // columns, usually stay SIMT; the hidden H x H layers, the bulk of the work,
 // qualify when H is a multiple of 16.
 __device__ inline bool tc_product(GemmMode mode, int a_col0, int kdim, int ncols) {
-  const int k_step = mode == GemmMode::kBf16 ? 16 : 8;
-  return mode != GemmMode::kSimt && ncols % 16 == 0 && kdim % k_step == 0 && a_col0 % 8 == 0;
+  return mode != GemmMode::kSimt && ncols % 16 == 0 && kdim % tc_k_step(mode) == 0 && a_col0 % 8 == 0;
 }
 
 // The tensor-core product (float only): C = A[:, a_col0 : a_col0 + kdim] * B, the
@@ -197,7 +211,7 @@ __device__ void tc_gemm(const float* A, int lda, int a_col0, int kdim, const flo
                         float* ws, int active_rows, float* out) {
   namespace wmma = nvcuda::wmma;
   constexpr bool kBf16 = kMode == GemmMode::kBf16;
-  constexpr int kK = kBf16 ? 16 : 8;
+  constexpr int kK = kBf16 ? 16 : 8;  // tc_k_step(kMode)
   constexpr int WIDTH = Tl::kColThreads * Tl::kOutPerThread;
   constexpr int kMaxTiles = (Tl::kRows / 16 * (WIDTH / 16) + kWarps - 1) / kWarps;
   static_assert(Tl::kRows % 16 == 0, "tensor-core tiles need whole 16-row blocks");
@@ -292,6 +306,8 @@ __device__ void tc_gemm(const float* A, int lda, int a_col0, int kdim, const flo
   }
 }
 
+#endif  // TORCHJAC_TENSOR_CORES
+
 // kMaxInOut < ncols <= WIDTH (hidden layers): a register tile. Thread (tr, to)
 // owns rows tr + i * kRowThreads and outputs to + j * kColThreads, strided so that
 // a warp reads distinct banks. In float32 with a tensor-core mode, tc_gemm
@@ -299,6 +315,7 @@ __device__ void tc_gemm(const float* A, int lda, int a_col0, int kdim, const flo
 template <typename T, typename Tl, bool kTransposedW>
 __device__ void wide_gemm(const T* A, int lda, int a_col0, int kdim, const T* w, int64_t ldw, int ncols, T* ws,
                           int active_rows, T* out, GemmMode mode) {
+#if TORCHJAC_TENSOR_CORES
   if constexpr (std::is_same<T, float>::value) {
     if (tc_product(mode, a_col0, kdim, ncols)) {  // uniform across the block
       switch (mode) {
@@ -311,6 +328,7 @@ __device__ void wide_gemm(const T* A, int lda, int a_col0, int kdim, const T* w,
       }
     }
   }
+#endif
   constexpr int WIDTH = Tl::kColThreads * Tl::kOutPerThread;
   constexpr int RA = Tl::kRowsPerThread, OB = Tl::kOutPerThread;
   constexpr int TR = Tl::kRowThreads, TO = Tl::kColThreads;

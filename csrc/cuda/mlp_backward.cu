@@ -594,17 +594,23 @@ Plan make_plan(const MlpBackwardArgs& args, int device) {
     }
   }
   plan.x_col = static_cast<int>(std::max<int64_t>(H, a.d_out));
-  const mainloop::GemmMode gemm_mode = mainloop::gemm_mode_for(a.precision, a.dtype);
-  plan.gemm_mode = static_cast<int>(gemm_mode);
-  const int64_t lda = mainloop::tile_row_stride(plan.x_col + a.d_in + c, gemm_mode);
-  if (lda > 4096) return fail("too many cond columns for the backward tile");
-  plan.lda = static_cast<int>(lda);
   plan.rows = is_double ? tile_rows<double>(plan.width) : tile_rows<float>(plan.width);
-  plan.smem_bytes = plan.rows * sizeof(int64_t) + 2 * static_cast<size_t>(plan.rows) * plan.lda * plan.elem +
-                    mainloop::staging_bytes(gemm_mode, plan.rows, plan.width, plan.elem);
   const DeviceSetup& setup = device_setup<BackwardKernels>(device);
   if (setup.error != cudaSuccess) return fail("the device's properties could not be queried or set");
   plan.sms = setup.sms;
+  // The tile's stride and shared memory for a mode; the tensor-core layout falls back to SIMT where it does
+  // not fit.
+  auto lay_out = [&](mainloop::GemmMode mode) {
+    plan.gemm_mode = static_cast<int>(mode);
+    plan.lda = static_cast<int>(mainloop::tile_row_stride(plan.x_col + a.d_in + c, mode));
+    plan.smem_bytes = plan.rows * sizeof(int64_t) + 2 * static_cast<size_t>(plan.rows) * plan.lda * plan.elem +
+                      mainloop::staging_bytes(mode, plan.rows, plan.width, plan.elem);
+  };
+  lay_out(mainloop::plan_gemm_mode(a.precision, a.dtype, H, setup.cc_major));
+  if (plan.gemm_mode != 0 && plan.smem_bytes > static_cast<size_t>(setup.max_smem_optin)) {
+    lay_out(mainloop::GemmMode::kSimt);
+  }
+  if (plan.lda > 4096) return fail("too many cond columns for the backward tile");
   if (plan.smem_bytes > static_cast<size_t>(setup.max_smem_optin)) {
     return fail("the backward tile does not fit in the device's shared memory (wide cond, or float64 at width 256)");
   }

@@ -340,7 +340,8 @@ using Plan = MlpForwardPlan;
 
 bool reads_input(const Plan& plan, int64_t layer) { return layer == 0 || plan.skip[layer]; }
 
-Plan make_plan(const MlpForwardArgs& a) {
+// cc_major: the device's compute capability (0: no tensor cores).
+Plan make_plan(const MlpForwardArgs& a, int cc_major) {
   Plan plan;
   auto fail = [&](const char* why) {
     plan.unsupported_reason = why;
@@ -390,7 +391,7 @@ Plan make_plan(const MlpForwardArgs& a) {
   plan.x_col = static_cast<int>(std::max<int64_t>(H, a.d_out));
   plan.project_cond = c > 0 && a.num_cond_rows * kCondShareFactor <= a.num_points;
   const int64_t cond_cols = (c > 0 && !plan.project_cond) ? c : 0;
-  const mainloop::GemmMode gemm_mode = mainloop::gemm_mode_for(a.precision, a.dtype);
+  const mainloop::GemmMode gemm_mode = mainloop::plan_gemm_mode(a.precision, a.dtype, H, cc_major);
   plan.gemm_mode = static_cast<int>(gemm_mode);
   const int64_t lda = mainloop::tile_row_stride(plan.x_col + a.d_in + cond_cols, gemm_mode);
   if (lda > 4096) return fail("too many cond columns");
@@ -505,12 +506,16 @@ cudaError_t launch_typed(const MlpForwardArgs& a, const Plan& plan, cudaStream_t
 }  // namespace
 
 MlpForwardPlan mlp_forward_plan(const MlpForwardArgs& args, int device) {
-  MlpForwardPlan plan = make_plan(args);
-  if (plan.unsupported_reason != nullptr) return plan;
   const DeviceSetup& setup = device_setup<ForwardKernels>(device);
+  MlpForwardPlan plan = make_plan(args, setup.error == cudaSuccess ? setup.cc_major : 0);
+  if (plan.unsupported_reason != nullptr) return plan;
+  const size_t limit = static_cast<size_t>(setup.max_smem_optin);
+  if (setup.error == cudaSuccess && plan.gemm_mode != 0 && plan.smem_bytes > limit) {
+    plan = make_plan(args, 0);  // the tensor-core layout (stride, staging) does not fit: SIMT
+  }
   if (setup.error != cudaSuccess) {
     plan.unsupported_reason = "the device's shared memory size could not be queried or set";
-  } else if (plan.smem_bytes > static_cast<size_t>(setup.max_smem_optin)) {
+  } else if (plan.smem_bytes > limit) {
     plan.unsupported_reason = "the tile does not fit in shared memory (too many cond columns)";
   }
   return plan;

@@ -199,6 +199,13 @@ __global__ void wmma_assumed_mapping_kernel(const float* c, float* out) {
   out[threadIdx.x] = acc.x[0];
 }
 
+// Each lane passes its own pointer: undefined on a device.
+__global__ void wmma_lane_pointers_kernel(const float* a) {
+  namespace wmma = nvcuda::wmma;
+  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+  wmma::load_matrix_sync(fa, a + 8 * (threadIdx.x % 2), 8);
+}
+
 // Only half of the warp reaches the MMA.
 __global__ void wmma_divergent_kernel(const float* a, const float* b, float* d) {
   if (threadIdx.x < 16) wmma_product_kernel(a, b, d);
@@ -241,7 +248,7 @@ std::string selftest(const std::string& name) {
     return std::memcmp(forward.data(), reverse.data(), 64 * sizeof(float)) == 0 ? "equal" : "differ";
   }
   if (name == "wmma_product" || name == "wmma_assumed_mapping" || name == "wmma_divergent" ||
-      name == "wmma_misaligned") {
+      name == "wmma_misaligned" || name == "wmma_lane_pointers") {
     // Small integers: every product and sum is exact in TF32 and FP32.
     alignas(32) float a[16 * 8], b[8 * 16], d[16 * 16 + 8], c[16 * 16], out[2][32];
     for (int i = 0; i < 16 * 8; ++i) a[i] = static_cast<float>(i % 7) - 3.0f;
@@ -270,6 +277,9 @@ std::string selftest(const std::string& name) {
       result = std::memcmp(out[0], out[1], sizeof(out[0])) == 0 ? "equal" : "differ";
     } else if (name == "wmma_divergent") {
       TORCHJAC_LAUNCH(1, 32, 0, stream, wmma_divergent_kernel)(a, b, d);
+      result = "not reached";
+    } else if (name == "wmma_lane_pointers") {
+      TORCHJAC_LAUNCH(1, 32, 0, stream, wmma_lane_pointers_kernel)(a);
       result = "not reached";
     } else {
       TORCHJAC_LAUNCH(1, 32, 0, stream, wmma_product_kernel)(a, b, d + 1);

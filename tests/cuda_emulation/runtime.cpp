@@ -49,10 +49,12 @@ struct DeviceModel {
   int smem_per_sm;
   int max_threads_per_sm;
   int max_blocks_per_sm;
+  int cc_major;
 };
 constexpr DeviceModel kDevices[kNumDevices] = {
-    {"H100 SXM (emulated)", 132, 48 * 1024, 227 * 1024, 228 * 1024, 2048, 32},
-    {"A100 (emulated)", 108, 48 * 1024, 163 * 1024, 164 * 1024, 2048, 32},
+    {"H100 SXM (emulated)", 132, 48 * 1024, 227 * 1024, 228 * 1024, 2048, 32, 9},
+    {"A100 (emulated)", 108, 48 * 1024, 163 * 1024, 164 * 1024, 2048, 32, 8},
+    {"V100 (emulated)", 80, 48 * 1024, 96 * 1024, 96 * 1024, 2048, 32, 7},
 };
 constexpr int kReservedSmemPerBlock = 1024;  // the driver's share of each block's shared memory
 
@@ -176,6 +178,7 @@ struct Block {
   std::mutex mutex;
   std::condition_variable cv;
   int nthreads = 0, waiting = 0, exited = 0;
+  int warp_waiting = 0;  // thread backend: lanes blocked in warp collectives
   uint64_t generation = 0;
   const char* barrier_file = nullptr;
   int barrier_line = 0;
@@ -324,10 +327,20 @@ void run_block_fibers(Block* b, std::mt19937_64& rng) {
   }
 }
 
+// Thread backend: every thread has returned or waits, and some wait in a warp
+// collective, which then can never complete: the other lanes of their warp
+// returned or wait at a barrier. Called with the block's mutex held.
+void check_warps_can_finish(const Block* b) {
+  if (b->warp_waiting > 0 && b->waiting + b->warp_waiting + b->exited == b->nthreads) {
+    fatal("divergent warp: " + std::to_string(b->warp_waiting) + " lane(s) wait in a warp collective that "
+          "other lanes of their warp never reach (they returned, or wait at a barrier)");
+  }
+}
+
 // Thread backend: what TSan can see. Order between barriers is the OS's.
 void run_block_threads(Block* b) {
   const int n = b->nthreads;
-  b->waiting = b->exited = 0;
+  b->waiting = b->exited = b->warp_waiting = 0;
   b->warps.assign((n + 31) / 32, Warp{});
   b->pipelines.assign(n, Pipeline{});
   const uint3 bidx = block_idx;
@@ -349,6 +362,7 @@ void run_block_threads(Block* b) {
         fatal("divergent barrier: threads wait at " + site(b->barrier_file, b->barrier_line) + " but " +
               std::to_string(b->exited) + " thread(s) of the block have returned");
       }
+      check_warps_can_finish(b);
     });
   }
   for (std::thread& t : threads) t.join();
@@ -374,6 +388,7 @@ void barrier_threads(Block* b, const char* file, int line) {
     b->cv.notify_all();
     return;
   }
+  check_warps_can_finish(b);
   b->cv.wait(lock, [&] { return b->generation != gen; });
 }
 
@@ -443,6 +458,7 @@ void warp_collective(const char* file, int line, void* lane_data, void (*run)(vo
     w.arrived = 0;
     if (use_threads()) {
       ++w.generation;
+      b->warp_waiting -= 31;  // the other lanes, released here
       b->warp_cv.notify_all();
     } else {
       for (int l = 0; l < 32; ++l) {
@@ -454,6 +470,8 @@ void warp_collective(const char* file, int line, void* lane_data, void (*run)(vo
   }
   if (use_threads()) {
     const uint64_t gen = w.generation;
+    ++b->warp_waiting;
+    check_warps_can_finish(b);
     b->warp_cv.wait(lock, [&] { return w.generation != gen; });
     return;
   }
@@ -573,6 +591,7 @@ cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int device) {
   switch (attr) {
     case cudaDevAttrMaxSharedMemoryPerBlock: *value = d.smem_per_block; return cudaSuccess;
     case cudaDevAttrMultiProcessorCount: *value = d.sms; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = d.cc_major; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = d.smem_per_sm; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = d.smem_per_block_optin; return cudaSuccess;
   }

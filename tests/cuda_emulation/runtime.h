@@ -15,8 +15,9 @@ enum class Schedule : int { kForward = 0, kReverse = 1, kShuffled = 2 };
 void set_schedule(Schedule schedule, uint64_t seed = 0);
 
 // Emulated devices: 0 models an H100 SXM (132 SMs, 227 KiB opt-in shared
-// memory per block), 1 an A100 (108 SMs, 163 KiB).
-constexpr int kNumDevices = 2;
+// memory per block, sm_90), 1 an A100 (108 SMs, 163 KiB, sm_80), 2 a V100 (80
+// SMs, 96 KiB, sm_70: no TF32 or BF16 tensor cores).
+constexpr int kNumDevices = 3;
 void set_device(int device);
 
 // Streams the tests can make current: 0 is the legacy default stream, 1 the

@@ -12,11 +12,11 @@
 //   fragments, D = A B + C, each entry summed in k order in IEEE float.
 //   TF32 inputs are truncated to their 10 mantissa bits, as the tensor cores
 //   read them (round them first with __float_to_tf32).
-// * load_matrix_sync/store_matrix_sync check the API's rules: 256-bit aligned
+// * load_matrix_sync/store_matrix_sync are warp-collective too, and check the
+//   API's rules: the same pointer, ldm and layout in every lane, 256-bit aligned
 //   pointers, ldm a multiple of 16 bytes.
 // Not modelled: the hardware's accumulation order and rounding inside an MMA
-// (docs/cuda.md states the error bounds with that margin), and convergence of
-// the loads and stores (each thread moves its own elements).
+// (docs/cuda.md states the error bounds with that margin).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -138,40 +138,67 @@ inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, typename fragment<Use
   for (int i = 0; i < f.num_elements; ++i) f.x[i] = v;
 }
 
+namespace detail {
+
+// One lane's part of a warp-wide load or store: its fragment and the arguments, which must agree across the warp.
+template <class F, class P>
+struct MoveLane {
+  F* frag;
+  P* ptr;
+  unsigned ldm;
+  bool row_major;
+};
+
+template <class F, class P, bool kLoad>
+void warp_move(void* const* lanes) {
+  const char* fn = kLoad ? "load_matrix_sync" : "store_matrix_sync";
+  const auto* first = static_cast<const MoveLane<F, P>*>(lanes[0]);
+  check_pointer(fn, first->ptr, first->ldm, sizeof(typename F::element_type));
+  for (int lane = 0; lane < 32; ++lane) {
+    const auto* l = static_cast<const MoveLane<F, P>*>(lanes[lane]);
+    if (l->ptr != first->ptr || l->ldm != first->ldm || l->row_major != first->row_major) {
+      cuda_emu::device_fatal(std::string(fn) + ": lanes of one warp pass different pointers, strides or layouts");
+    }
+    const int* m = F::map() + lane * F::num_elements;
+    for (int i = 0; i < F::num_elements; ++i) {
+      const int r = m[i] / F::cols, c = m[i] % F::cols;
+      auto& element = first->row_major ? first->ptr[r * first->ldm + c] : first->ptr[c * first->ldm + r];
+      if constexpr (kLoad) {
+        l->frag->x[i] = element;
+      } else {
+        element = l->frag->x[i];
+      }
+    }
+  }
+}
+
+template <bool kLoad, class F, class P>
+void move(F& f, P* p, unsigned ldm, bool row_major, const char* file, int line) {
+  MoveLane<F, P> me{&f, p, ldm, row_major};
+  cuda_emu::warp_collective(file, line, &me, &warp_move<F, P, kLoad>);
+}
+
+}  // namespace detail
+
 // matrix_a / matrix_b: the layout is the fragment's.
 template <class Use, int M, int N, int K, class T, class L>
 inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f,
-                             const typename fragment<Use, M, N, K, T, L>::element_type* p, unsigned ldm) {
-  using F = fragment<Use, M, N, K, T, L>;
+                             const typename fragment<Use, M, N, K, T, L>::element_type* p, unsigned ldm,
+                             const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   static_assert(!std::is_same<L, void>::value, "an accumulator load needs a layout_t");
-  detail::check_pointer("load_matrix_sync", p, ldm, sizeof(typename F::element_type));
-  const int* m = F::map() + cuda_emu::lane_id() * F::num_elements;
-  for (int i = 0; i < F::num_elements; ++i) {
-    const int r = m[i] / F::cols, c = m[i] % F::cols;
-    f.x[i] = std::is_same<L, row_major>::value ? p[r * ldm + c] : p[c * ldm + r];
-  }
+  detail::move<true>(f, p, ldm, std::is_same<L, row_major>::value, file, line);
 }
 
 template <int M, int N, int K, class T>
-inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm, layout_t layout) {
-  using F = fragment<accumulator, M, N, K, T>;
-  detail::check_pointer("load_matrix_sync", p, ldm, sizeof(T));
-  const int* m = F::map() + cuda_emu::lane_id() * F::num_elements;
-  for (int i = 0; i < F::num_elements; ++i) {
-    const int r = m[i] / F::cols, c = m[i] % F::cols;
-    f.x[i] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
-  }
+inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm, layout_t layout,
+                             const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  detail::move<true>(f, p, ldm, layout == mem_row_major, file, line);
 }
 
 template <int M, int N, int K, class T>
-inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
-  using F = fragment<accumulator, M, N, K, T>;
-  detail::check_pointer("store_matrix_sync", p, ldm, sizeof(T));
-  const int* m = F::map() + cuda_emu::lane_id() * F::num_elements;
-  for (int i = 0; i < F::num_elements; ++i) {
-    const int r = m[i] / F::cols, c = m[i] % F::cols;
-    (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[i];
-  }
+inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout,
+                              const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  detail::move<false>(const_cast<fragment<accumulator, M, N, K, T>&>(f), p, ldm, layout == mem_row_major, file, line);
 }
 
 namespace detail {
