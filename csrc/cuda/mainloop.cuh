@@ -191,6 +191,19 @@ __device__ void stage_weights_async(const float* w, int64_t ldw, int ncols, int 
   __pipeline_commit();
 }
 
+// Rounds a TF32 fragment's elements to nearest in place; with the 3xTF32 split
+// (kSplit), lo gets the rounded remainder, so that hi + lo carries 21 bits.
+// Element-wise, so independent of the fragment's element mapping.
+template <bool kSplit, class Frag>
+__device__ inline void round_to_tf32(Frag& hi, Frag& lo) {
+#pragma unroll
+  for (int i = 0; i < hi.num_elements; ++i) {
+    const float v = hi.x[i];
+    hi.x[i] = nvcuda::wmma::__float_to_tf32(v);
+    if (kSplit) lo.x[i] = nvcuda::wmma::__float_to_tf32(v - hi.x[i]);
+  }
+}
+
 // Whether the tensor-core path takes a product: whole 16-column output tiles,
 // whole k steps, and 32-byte aligned fragment rows (the tile's stride is
 // tile_row_stride's). Layer 0 and skip layers, which read d_in + c input
@@ -261,9 +274,8 @@ __device__ void tc_gemm(const float* A, int lda, int a_col0, int kdim, const flo
 #pragma unroll
       for (int j = 0; j < kMaxTiles; ++j) {
         if (j >= my_tiles) break;
-        const int t = first_tile + j;
-        const int mt = t / n_tiles;
-        const int nt = t - mt * n_tiles;
+        const int mt = (first_tile + j) / n_tiles;
+        const int nt = (first_tile + j) % n_tiles;
         FragB b_hi, b_lo;
         if constexpr (kBf16) {
           if (mt != a_block) wmma::load_matrix_sync(a_hi, a_bf16 + mt * 16 * kLdBf16 + kk, kLdBf16);
@@ -271,20 +283,10 @@ __device__ void tc_gemm(const float* A, int lda, int a_col0, int kdim, const flo
         } else {
           if (mt != a_block) {
             wmma::load_matrix_sync(a_hi, A + mt * 16 * lda + a_col0 + k0 + kk, lda);
-#pragma unroll
-            for (int i = 0; i < a_hi.num_elements; ++i) {
-              const float v = a_hi.x[i];
-              a_hi.x[i] = wmma::__float_to_tf32(v);
-              if (kMode == GemmMode::kTf32x3) a_lo.x[i] = wmma::__float_to_tf32(v - a_hi.x[i]);
-            }
+            round_to_tf32<kMode == GemmMode::kTf32x3>(a_hi, a_lo);
           }
           wmma::load_matrix_sync(b_hi, w_chunk + nt * 16 * kLdwTf32 + kk, kLdwTf32);
-#pragma unroll
-          for (int i = 0; i < b_hi.num_elements; ++i) {
-            const float v = b_hi.x[i];
-            b_hi.x[i] = wmma::__float_to_tf32(v);
-            if (kMode == GemmMode::kTf32x3) b_lo.x[i] = wmma::__float_to_tf32(v - b_hi.x[i]);
-          }
+          round_to_tf32<kMode == GemmMode::kTf32x3>(b_hi, b_lo);
         }
         a_block = mt;
         if (kMode == GemmMode::kTf32x3) {  // the small terms first
@@ -299,9 +301,8 @@ __device__ void tc_gemm(const float* A, int lda, int a_col0, int kdim, const flo
 #pragma unroll
   for (int j = 0; j < kMaxTiles; ++j) {
     if (j >= my_tiles) break;
-    const int t = first_tile + j;
-    const int mt = t / n_tiles;
-    const int nt = t - mt * n_tiles;
+    const int mt = (first_tile + j) / n_tiles;
+    const int nt = (first_tile + j) % n_tiles;
     wmma::store_matrix_sync(out + mt * 16 * lda + nt * 16, acc[j], lda, wmma::mem_row_major);
   }
 }
