@@ -115,16 +115,16 @@ class _UnitBatched(nn.Module):
     """dz/dt = reduce_u U_u act(W_u . z + B_u), with W (width, d, 1), B (width, 1, 1), U (width, 1, d)
     computed from t, written as torchdiffeq's cnf example writes it, in the variants users write."""
 
-    def __init__(self, d=2, width=8, spread="repeat", reduce="mean", reduce_dim=0):
+    def __init__(self, d=2, width=8, spread="repeat", reduce="mean", reduce_dim=0, k=1):
         super().__init__()
-        self.d, self.width, self.spread, self.reduce, self.reduce_dim = d, width, spread, reduce, reduce_dim
-        self.hyper = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, width * (2 * d + 1)))
+        self.d, self.width, self.spread, self.reduce, self.reduce_dim, self.k = d, width, spread, reduce, reduce_dim, k
+        self.hyper = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, width * (2 * d * k + 1)))
 
     def forward(self, t, z):
         p = self.hyper(t.reshape(1, 1)).reshape(-1)
-        n = self.width * self.d
-        W = p[:n].reshape(self.width, self.d, 1)
-        U = p[n:2 * n].reshape(self.width, 1, self.d)
+        n = self.width * self.d * self.k
+        W = p[:n].reshape(self.width, self.d, self.k)
+        U = p[n:2 * n].reshape(self.width, self.k, self.d)
         B = p[2 * n:].reshape(self.width, 1, 1)
         Z = z.unsqueeze(0)
         Z = Z.repeat(self.width, 1, 1) if self.spread == "repeat" else Z.expand(self.width, -1, -1)
@@ -151,6 +151,22 @@ def test_per_unit_batched_matmuls_are_fused(spread, reduce):
     actual = torch.autograd.grad((div ** 2).sum() + y.sum(), leaves)
     for a, e in zip(actual, expected):
         assert_close64(a, e)
+
+
+def test_per_unit_weights_of_another_shape_run_generic():
+    """W (width, d, 2): each unit is two Linear units, which the recipe (one per unit) does not describe. Known
+    only once cond is replayed: explain on the example call says generic, and the call computes the oracle's."""
+    torch.manual_seed(0)
+    f = _UnitBatched(k=2).double()
+    z = torch.randn(7, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.3], dtype=torch.float64)
+    why = torchjac.explain(f, z, cond=t, x_arg="z")
+    assert why.path == "generic" and "got 4" in why.detail, why
+    with ops_seen() as seen:
+        div = torchjac.divergence(f, z, cond=t, x_arg="z")
+    assert not seen & {"torchjac.mlp_divergence", "torchjac.mlp_jacobian"}
+    _, jac_ref = autograd_jacobian(lambda p, c: f(c, p), z, t)
+    assert_close64(div, jac_ref.diagonal(0, -2, -1).sum(-1))
 
 
 def test_per_unit_batch_reduced_over_points_is_refused():

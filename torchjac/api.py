@@ -565,7 +565,8 @@ def explain(f, x: Optional[torch.Tensor] = None, *, cond=False, ndim: int = 2, x
     other functions take it. ``ndim`` is the number of dims of the x it explains the call for, (P, d_in) by
     default: a forward that concatenates along dim 1 concatenates features only then. With an example ``x``
     (and ``cond`` as a tensor), it explains the call on those shapes, as a forward that branches on its input's
-    shape (DeepSDF) needs; ndim is then x's.
+    shape (DeepSDF) needs; ndim is then x's. With an example cond too, it also replays what the forward computes
+    from cond, as the call does, so that weights of the wrong shape for the recipe show as the generic path.
     """
     has_cond = cond is not None and cond is not False
     shapes = call = None
@@ -578,4 +579,15 @@ def explain(f, x: Optional[torch.Tensor] = None, *, cond=False, ndim: int = 2, x
         ndim = x.dim()
         shapes, call = spec_lib.call_shapes(x, cond if has_cond else None,
                                             (cond.shape[-1] if cond.dim() else 1) if has_cond else 0)
-    return Explanation(*spec_lib.explain(_place_x("explain", f, x_arg, has_cond), has_cond, ndim, shapes, call))
+    placed = _place_x("explain", f, x_arg, has_cond)
+    path, detail = spec_lib.explain(placed, has_cond, ndim, shapes, call)
+    if path == "fused" and x is not None and has_cond and not isinstance(f, nn.Sequential):
+        # What the forward computes from cond (a hypernetwork's weights) is known only on a cond: lower the
+        # example call as the call would, so that shapes that do not fit say so here too.
+        example_cond = cond.reshape(1) if cond.dim() == 0 else cond
+        try:
+            with torch.no_grad():
+                spec_lib.lower(placed, x, example_cond.shape[-1], example_cond)
+        except NotFusable as e:
+            return Explanation("generic", f"{e} (on the example call)")
+    return Explanation(path, detail)
