@@ -410,3 +410,42 @@ def test_siren_laplacian_nests_divergence_over_jacobian():
     g = jac[..., 0, :]
     expected = sum(torch.autograd.grad(g[..., i].sum(), x, create_graph=True)[0][..., i] for i in range(2))
     assert_close64(lap, expected)
+
+
+# ---- float32: the dtype these models train in
+
+def _rel_err(actual, expected):
+    scale = expected.abs().max().clamp_min(1e-30)
+    return ((actual.double() - expected).abs().max() / scale).item()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_values_and_gradients_match_the_float64_oracle(name):
+    """In float32, torchjac's values, J (or divergence) and training gradients are within 1e-5 of the float64
+    oracle's largest entry, or within 8x PyTorch's own float32 autograd error where that is larger."""
+    case = _case(name)
+    leaves64 = [case.x] + list(case.model.parameters())
+    y64, jac64 = _autograd_jacobian(case, case.x, case.cond)
+    out64 = _loss_inputs(case, y64, jac64)
+    grads64 = _grads(case.loss(*out64), leaves64)
+    cond64 = None if case.cond is None else case.cond.detach()
+
+    case.model.float()
+    x32 = case.x.detach().float().requires_grad_(True)
+    cond32 = None if cond64 is None else cond64.float()
+    CURRENT_X[0] = x32
+    leaves32 = [x32] + list(case.model.parameters())
+    api = torchjac.divergence if case.square else torchjac.jacobian
+    y, out = case.call(api, x32, cond32)
+    grads = _grads(case.loss(y, out), leaves32)
+    y_t, jac_t = _autograd_jacobian(case, x32, cond32)  # PyTorch's own float32 error, the floor
+    out_t = _loss_inputs(case, y_t, jac_t)
+    grads_t = _grads(case.loss(*out_t), leaves32)
+
+    checks = [("y", y, y_t, out64[0]), ("J" if not case.square else "divergence", out, out_t[1], out64[1])]
+    checks += [(f"gradient {i}", g, g_t, g64) for i, (g, g_t, g64) in enumerate(zip(grads, grads_t, grads64))]
+    for what, got, torch_got, want in checks:
+        assert got.dtype == torch.float32, f"{what}: {got.dtype}"
+        allowed = max(1e-5, 8 * _rel_err(torch_got, want))
+        err = _rel_err(got, want)
+        assert err <= allowed, f"{name} {what}: relative error {err:.2e} > {allowed:.2e} (float32)"
