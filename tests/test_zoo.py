@@ -360,6 +360,7 @@ def test_explain_says_which_path_runs(name):
 # ---- compiled training steps: one per model, small, aot_eager (inductor's C++ build is too slow here)
 
 COMPILED = ["neus", "idr", "igr", "deepsdf", "ffjord_concat", "ffjord_concatsquash", "ffjord_hyper", "ffjord_blend",
+            "ffjord_squash", "ffjord_ignore",
             "siren_fcblock", "hyper_cnf", "hyper_cnf_functional_call", "siren_metasequential", "pointnet", "nerfies_se3"]
 
 
