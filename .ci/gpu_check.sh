@@ -7,8 +7,8 @@
 #      (torch.compile(mode="reduce-overhead")) included;
 #   3. compute-sanitizer memcheck and racecheck on the tests' small cases;
 #   4. the GPU benchmarks against the eager baselines, torch.compile of them and
-#      torchjac's pure-PyTorch path, at 1M points; the forward one at each float32
-#      matmul precision (highest: 3xTF32, high: TF32, medium: BF16).
+#      torchjac's pure-PyTorch path, at 1M points, at each float32 matmul precision
+#      (highest: 3xTF32, high: TF32, medium: BF16).
 # Everything goes to bench/results/gpu_<date>_<commit>/, 7 files, each cut to
 # under 16 MiB: summary.txt (device, driver, torch, commit, each step's status
 # and time), build.txt, tests.txt, forward.{json,txt}, train.{json,txt}.
@@ -82,7 +82,7 @@ bench_tmp=$(mktemp -d)
 step "bench forward" "$OUT/forward.txt" 200 "$PYTHON" bench/bench_gpu_forward.py --out "$bench_tmp/forward" \
   --points 1000000 --widths 128 --huge 0 --target-seconds 0.3 --max-reps 10 --precisions highest high medium
 step "bench train" "$OUT/train.txt" 150 "$PYTHON" bench/bench_gpu_train.py --out "$bench_tmp/train" \
-  --points 1000000 --no-search --target-seconds 0.3 --max-reps 10
+  --points 1000000 --no-search --target-seconds 0.3 --max-reps 10 --precisions highest high medium
 for kind in forward train; do
   [ -f "$bench_tmp/$kind/results.json" ] && cp "$bench_tmp/$kind/results.json" "$OUT/$kind.json"
   [ -f "$bench_tmp/$kind/results.txt" ] && cat "$bench_tmp/$kind/results.txt" >> "$OUT/$kind.txt"
