@@ -81,6 +81,13 @@ def warp_collectives():
     return torch.ops.torchjac_emu.stat("warp_collectives") if EMULATED else None
 
 
+def _flat_points(x, cond):
+    """x as (points, d_in) and each point's cond row as (points, c), in float64."""
+    xs = x.detach().reshape(-1, x.shape[-1]).double()
+    c = cond.shape[-1]
+    return xs, cond.detach().expand(*x.shape[:-1], c).reshape(xs.shape[0], c).double()
+
+
 def _act_derivatives(code, p0, p1, z):
     """act(z), act'(z), act''(z), element-wise, by forward-over-forward autodiff of the oracle's activation."""
     f = ORACLE_ACTIVATIONS[code]
@@ -104,9 +111,8 @@ def row_bounds(mlp, x, cond, mode, tangents=None, second_order=None):
                      accumulation is kept worst case (tensor cores may truncate: biased)."""
     ws = [w.detach().double() for w in mlp.weights]
     bs = [b.detach().double() for b in mlp.biases]
-    d_in, c = x.shape[-1], cond.shape[-1]
-    xs = x.detach().reshape(-1, d_in).double()
-    cs = cond.detach().expand(*x.shape[:-1], c).reshape(xs.shape[0], c).double()
+    xs, cs = _flat_points(x, cond)
+    d_in, c = xs.shape[-1], cs.shape[-1]
     if tangents is None:
         tangents = torch.eye(d_in, dtype=torch.float64).expand(*x.shape[:-1], d_in, d_in)
     k = tangents.shape[-2]
@@ -177,9 +183,7 @@ def error_bound(mlp, x, cond, mode):
 def kink_distance(mlp, x, cond, kink_at):
     """Per point: min over layers and units of |z - kink_at| / (|W| |a| + |b|) for the value row, in float64:
     how close a pre-activation comes to the kink, relative to the size of its terms."""
-    d_in, c = x.shape[-1], cond.shape[-1]
-    xs = x.detach().reshape(-1, d_in).double()
-    cs = cond.detach().expand(*x.shape[:-1], c).reshape(xs.shape[0], c).double()
+    xs, cs = _flat_points(x, cond)
     h, nearest = None, None
     for layer, (w, b) in enumerate(zip(mlp.weights, mlp.biases)):
         w, b = w.detach().double(), b.detach().double()

@@ -558,7 +558,7 @@ class _Interpreter:
 
     # -- torchdiffeq's hypernetwork CNF: one unit per entry of a batch dim
 
-    def unit_step(self, node, key, args, kwargs):
+    def unit_step(self, node, key, args, kwargs, encoded):
         """A step of ``matmul(tanh(matmul(z.unsqueeze(0).repeat(width, 1, 1), W) + B), U).mean(0)`` with W,
         B, U computed from cond: two Linear layers written as per-unit batched products. None if node has
         no part in such a chain."""
@@ -588,7 +588,6 @@ class _Interpreter:
             if isinstance(unit, _UnitMajor) and isinstance(value, _CondValue):  # + B, B (width, 1, 1)
                 bias = self.record("method", "reshape", (value, unit.width), {}, node)
                 return unit._replace(out=self.modulate(unit.out, "add", bias, node))
-        encoded = _functional_activation(key, args, kwargs)
         if encoded is not None and isinstance(first, _UnitMajor):
             return first._replace(out=self.activation(first.out, encoded, node))
         if key in _REDUCE_UNITS and isinstance(first, _UnitTerms):
@@ -762,7 +761,7 @@ class _Interpreter:
                 key = target if node.op == "call_function" else str(target)
                 encoded = _functional_activation(key, args, kwargs)
                 cond_args = any(isinstance(a, _CondValue) for a in _flat(list(args) + list(kwargs.values())))
-                if (unit := self.unit_step(node, key, args, kwargs)) is not None:
+                if (unit := self.unit_step(node, key, args, kwargs, encoded)) is not None:
                     env[node.name] = unit
                 elif key in ("t", torch.t) and len(args) == 1 and isinstance(args[0], _ParamView) and args[0].view in (
                         "same", "t"):  # W.t(), as h @ W.t() takes a Linear's weight

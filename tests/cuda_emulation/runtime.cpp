@@ -431,16 +431,21 @@ void syncthreads(const char* file, int line) {
   b->current = me;
 }
 
-int lane_id() {
-  return static_cast<int>((thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z)) % 32);
+namespace {
+// The calling CUDA thread's index in its block, x fastest (the order warps are cut in).
+int linear_thread_index() {
+  return static_cast<int>(thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z));
 }
+}  // namespace
+
+int lane_id() { return linear_thread_index() % 32; }
 
 void warp_collective(const char* file, int line, void* lane_data, void (*run)(void* const* lanes)) {
   Block* b = running_block;
   if (b == nullptr) fatal("a warp collective outside a kernel at " + site(file, line));
   if (b->nthreads % 32 != 0) fatal("a warp collective at " + site(file, line) + " in a block of " +
                                    std::to_string(b->nthreads) + " threads, not whole warps");
-  const int me = static_cast<int>(thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z));
+  const int me = linear_thread_index();
   Warp& w = b->warps[me / 32];
   std::unique_lock<std::mutex> lock(b->mutex, std::defer_lock);
   if (use_threads()) lock.lock();
@@ -489,7 +494,7 @@ namespace {
 Pipeline& my_pipeline(const char* what) {
   Block* b = running_block;
   if (b == nullptr) fatal(std::string(what) + " outside a kernel");
-  const int me = static_cast<int>(thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z));
+  const int me = linear_thread_index();
   return b->pipelines[me];
 }
 }  // namespace
