@@ -1,4 +1,6 @@
 """User-written MLP modules take the fused path, with the oracle's values and gradients."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -161,12 +163,51 @@ def test_per_unit_weights_of_another_shape_run_generic():
     z = torch.randn(7, 2, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0.3], dtype=torch.float64)
     why = torchjac.explain(f, z, cond=t, x_arg="z")
-    assert why.path == "generic" and "got 4" in why.detail, why
+    assert why.path == "generic" and "a weight of shape (8, 2, 2)" in why.detail, why
     with ops_seen() as seen:
         div = torchjac.divergence(f, z, cond=t, x_arg="z")
     assert not seen & {"torchjac.mlp_divergence", "torchjac.mlp_jacobian"}
     _, jac_ref = autograd_jacobian(lambda p, c: f(c, p), z, t)
     assert_close64(div, jac_ref.diagonal(0, -2, -1).sum(-1))
+
+
+class _UnitShapes(nn.Module):
+    """The hypernetwork CNF's layers with W, B, U of the given shapes, all broadcasting in the user's matmuls."""
+
+    def __init__(self, w_shape, b_shape, u_shape, width=4):
+        super().__init__()
+        self.shapes, self.width = (w_shape, b_shape, u_shape), width
+        self.sizes = [math.prod(shape) for shape in self.shapes]
+        self.hyper = nn.Linear(1, sum(self.sizes))
+
+    def forward(self, t, z):
+        p = self.hyper(t.reshape(1, 1)).reshape(-1)
+        nw, nb = self.sizes[:2]
+        W = p[:nw].reshape(self.shapes[0])
+        B = p[nw:nw + nb].reshape(self.shapes[1])
+        U = p[nw + nb:].reshape(self.shapes[2])
+        h = torch.tanh(torch.matmul(z.unsqueeze(0).repeat(self.width, 1, 1), W) + B)
+        return torch.matmul(h, U).mean(0)
+
+
+@pytest.mark.parametrize("w_shape, b_shape, u_shape, path", [
+    ((4, 2, 1), (1, 1, 1), (4, 1, 2), "fused"),    # one bias for all units (it crashed the replay before)
+    ((1, 2, 1), (4, 1, 1), (4, 1, 2), "fused"),    # one weight row shared by the units
+    ((1, 2, 4), (4, 1, 1), (4, 4, 2), "generic"),  # 4 outputs per unit: a reshape read it as other weights
+])
+def test_per_unit_weights_that_broadcast(w_shape, b_shape, u_shape, path):
+    """W, B, U that broadcast over the units are read as such, or left to the generic path, never reinterpreted:
+    J equals the oracle's whichever path runs."""
+    torch.manual_seed(0)
+    f = _UnitShapes(w_shape, b_shape, u_shape).double()
+    z = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.3], dtype=torch.float64)
+    assert torchjac.explain(f, z, cond=t, x_arg="z").path == path
+    with ops_seen() as seen:
+        jac = torchjac.jacobian(f, z, cond=t, x_arg="z")
+    assert bool(seen & {"torchjac.mlp_jacobian", "torchjac.mlp_jacobian_reverse"}) == (path == "fused")
+    _, jac_ref = autograd_jacobian(lambda p, c: f(c, p), z, t)
+    assert_close64(jac, jac_ref)
 
 
 def test_per_unit_batch_reduced_over_points_is_refused():

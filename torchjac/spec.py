@@ -414,7 +414,16 @@ def from_recipe(f: nn.Module, recipe: Recipe, d_in: int, cond_features: int,
     """The layers of a recipe. Those reading the input take cat([x, enc_0(x), ..., cond]) when the recipe
     encodes x, zero columns standing for blocks a layer does not read. cond: the call's, as the user passed it,
     on which the recipe's cond program runs."""
-    values = cond_program.replay(f, recipe.cond_program, cond, _parameter) if recipe.cond_program else []
+    values = []
+    if recipe.cond_program:
+        try:
+            values = cond_program.replay(f, recipe.cond_program, cond, _parameter)
+        except RuntimeError as e:
+            if torch.compiler.is_compiling():
+                raise
+            # the recipe's reading of the cond computation does not fit this call's shapes: the generic path
+            # runs the forward as written
+            raise NotFusable(f"what the forward computes from cond does not replay on this call ({e})") from None
     weights, biases, codes, params, skips = [], [], [], [], []
     encoded = [f"enc{j}" for j in range(len(recipe.encoding))]
     inputs = [("x", d_in)] + [(source, d_in) for source in encoded] + [("cond", cond_features)]

@@ -577,7 +577,10 @@ class _Interpreter:
                 return first._replace(width=sizes[0])
         if key in _MATMUL and not kwargs and isinstance(other, _CondValue):
             if isinstance(first, _UnitBatch) and first.width is not None:  # Z @ W, W (width, d, 1)
-                weight = self.record("method", "view", (other, first.width, -1), {}, node)
+                # expand, then squeeze: W (1, d, 1) shared by the units is fine, and any other shape stays
+                # 3-dim (refused when the recipe is lowered), never reinterpreted as a reshape would
+                spread = self.record("method", "expand", (other, first.width, -1, -1), {}, node)
+                weight = self.record("method", "squeeze", (spread, -1), {}, node)
                 out = self.linear("matmul with per-unit weights from cond", first.blocks, node)
                 self.layers[-1].weight_value = (weight.ref, None)
                 return _UnitMajor(out, first.width)
@@ -586,7 +589,8 @@ class _Interpreter:
         if key in _ADD and not kwargs and len(args) == 2:
             unit, value = (first, other) if isinstance(first, _UnitMajor) else (other, first)
             if isinstance(unit, _UnitMajor) and isinstance(value, _CondValue):  # + B, B (width, 1, 1)
-                bias = self.record("method", "reshape", (value, unit.width), {}, node)
+                spread = self.record("method", "expand", (value, unit.width, 1, 1), {}, node)  # B (1, 1, 1) too
+                bias = self.record("method", "reshape", (spread, unit.width), {}, node)
                 return unit._replace(out=self.modulate(unit.out, "add", bias, node))
         if encoded is not None and isinstance(first, _UnitMajor):
             return first._replace(out=self.activation(first.out, encoded, node))
@@ -594,8 +598,9 @@ class _Interpreter:
             dim = other if other is not None else kwargs.get("dim")
             if dim in (0, (0,), [0]) and not kwargs.get("keepdim", False) and len(args) <= 2:
                 u = ValueRef(first.weight)
-                weight = self.record("method", "t", (self.record("method", "reshape", (u, first.width, -1), {}, node),),
-                                     {}, node)
+                spread = self.record("method", "expand", (u, first.width, -1, -1), {}, node)
+                weight = self.record("method", "transpose", (self.record("method", "squeeze", (spread, 1), {}, node),
+                                                             -1, -2), {}, node)
                 if _REDUCE_UNITS[key] == "mean":
                     weight = self.record("function", "truediv", (weight, float(first.width)), {}, node)
                 out = self.linear("matmul with per-unit weights from cond, summed over the units",
