@@ -14,7 +14,8 @@ hooks runs on the generic path, which calls it as the user does.
 Parameters are read at every call (never cached), so parametrizations such as
 weight_norm (the parametrization and the older hook), ``torch.func.functional_call``
 and in-place weight updates all see the current values and gradients reach the
-real parameters.
+real parameters. What torch.fx recognizes of a module is kept between calls while
+nothing it read has changed (torchjac/recipe_cache.py).
 """
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -25,7 +26,7 @@ from torch.nn.utils.weight_norm import WeightNorm  # the older weight_norm's for
 from . import activations as act
 from .encoding import FrequencyEncoding
 from .mlp import PointMLP
-from . import cond_program
+from . import cond_program, recipe_cache
 from .cond_program import ValueRef
 from .trace import NotFusable, Recipe, recognize
 
@@ -123,22 +124,26 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
                  "_global_backward_pre_hooks")
 
 
-def hooks_reason(f: nn.Module) -> Optional[str]:
-    """Why f cannot be lowered because of its hooks, or None. Hooks run only when a module is called,
-    and the fused ops never call it; the older weight_norm's hook is the one whose effect they reproduce."""
+def call_time_reason(f: nn.Module) -> Optional[str]:
+    """Why f cannot be lowered because of what runs only when a module is called, or None: hooks (the older
+    weight_norm's hook is the one whose effect the fused ops reproduce), or a forward set on the instance,
+    which torch.fx and the Sequential reader, both reading the class, would not see. The generic path calls f."""
     for name in _GLOBAL_HOOKS:
         if getattr(nn.modules.module, name, None):
             return "global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"
     for name, m in f.named_modules():
+        where = f"module {name!r} ({type(m).__name__})" if name else f"{type(m).__name__}"
         kinds = [kind for kind, hooks in (("forward", m._forward_hooks), ("backward", m._backward_hooks),
                                           ("backward pre-", getattr(m, "_backward_pre_hooks", {})))
                  if hooks]
         if any(not isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values()):
             kinds.append("forward pre-")
         if kinds:
-            where = f"module {name!r} ({type(m).__name__})" if name else f"{type(m).__name__}"
             return (f"{where} has {' and '.join(k + 'hooks' for k in kinds)}, which run only when the module "
                     f"is called; the generic path calls it")
+        if "forward" in vars(m):
+            return (f"{where} has a forward set on the instance, which replaces its class's forward only when "
+                    f"the module is called; the generic path calls it")
     return None
 
 
@@ -350,10 +355,12 @@ class Recognition(NamedTuple):
 def _recognize(f: nn.Module, has_cond: bool, ndim: Optional[int] = None, shapes=None, call=None) -> Recognition:
     # Evaluated once while torch.compile traces: the result is plain Python values. It returns, never
     # raises, the reason a model is not recognized: torch.compile cannot trace an exception out of here.
-    try:
-        return Recognition(recognize(f, has_cond, ndim, shapes, call), "")
-    except NotFusable as e:
-        return Recognition(None, str(e))
+    def now():
+        try:
+            return Recognition(recognize(f, has_cond, ndim, shapes, call), "")
+        except NotFusable as e:
+            return Recognition(None, str(e))
+    return recipe_cache.recognition(f, (has_cond, ndim, shapes, call), now)
 
 
 def call_shapes(x: torch.Tensor, cond: Optional[torch.Tensor], cond_features: int) -> tuple:
@@ -492,7 +499,7 @@ def lower(f, x: torch.Tensor, cond_features: int, cond: Optional[torch.Tensor] =
     path can compute f. cond: the call's cond as the user passed it (a model may compute its weights from it)."""
     if not isinstance(f, nn.Module):
         raise NotFusable(f"f is a {type(f).__name__}, not an nn.Module")
-    reason = hooks_reason(f)
+    reason = call_time_reason(f)
     if reason is not None:
         raise NotFusable(reason)
     d_in = x.shape[-1]
@@ -593,7 +600,7 @@ def explain(f, has_cond: bool = False, ndim: int = 2, shapes=None, call=None) ->
         refuse_point_mixing("explain", f)
     except ValueError as e:
         return "refused", str(e).replace("torchjac.explain: ", "")
-    reason = hooks_reason(f)
+    reason = call_time_reason(f)
     if reason is not None:
         return "generic", reason
     if is_point_mlp(f):
