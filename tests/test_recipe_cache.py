@@ -5,6 +5,9 @@ Each test calls the model, changes it, and checks the next call against the torc
 would give the old model's Jacobian) and that it traced again; unchanged calls must not trace.
 """
 import dataclasses
+import functools
+import os
+import sysconfig
 import threading
 import types
 
@@ -13,7 +16,7 @@ import torch
 from torch import nn
 
 import torchjac
-from torchjac import spec
+from torchjac import recipe_cache, spec
 from conftest import assert_close64, oracle_jacobian
 
 SCALE = 2.0                                 # a global the forward reads
@@ -295,3 +298,12 @@ def test_a_module_that_cannot_be_fingerprinted_is_traced_at_every_call(traces):
     f, x = Unguardable().double(), _points()
     for _ in range(3):
         assert _traces_of_call(f, x, traces) == 1
+
+
+def test_code_of_installed_packages_is_followed():
+    """A published model installed with pip lives in site-packages, inside Python's own directory; its globals
+    and class attributes are compared like the user's, only torch's and Python's own code is not followed."""
+    site_packages = sysconfig.get_paths()["purelib"]
+    assert not recipe_cache._is_library_file(os.path.join(site_packages, "neus", "fields.py"))
+    assert recipe_cache._is_library_file(torch.nn.functional.__file__)
+    assert recipe_cache._is_library_file(functools.__file__)

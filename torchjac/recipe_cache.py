@@ -40,9 +40,11 @@ _SMALL_TENSOR = 16       # tensors of at most this many elements are compared by
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_torchjac_x_second"}
 _BY_VALUE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size,
              torch.memory_format, torch.layout, type(Ellipsis), type(NotImplemented))
-# Code in these directories is not the user's: compared by identity, not followed into.
-_LIBRARY_DIRS = tuple(os.path.realpath(p) + os.sep for p in {
-    os.path.dirname(torch.__file__), sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]})
+# Code shipped with torch or Python is not the user's: compared by identity, not followed into. Installed
+# packages (site-packages, inside Python's directory) are followed: a published model may be one.
+_TORCH_DIR = os.path.realpath(os.path.dirname(torch.__file__)) + os.sep
+_STDLIB_DIRS = tuple({os.path.realpath(sysconfig.get_paths()[k]) + os.sep for k in ("stdlib", "platstdlib")})
+_PACKAGE_DIRS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
 
 
 class _Unguardable(Exception):
@@ -51,7 +53,10 @@ class _Unguardable(Exception):
 
 @functools.lru_cache(maxsize=4096)
 def _is_library_file(filename: str) -> bool:
-    return not filename or filename.startswith("<frozen") or os.path.realpath(filename).startswith(_LIBRARY_DIRS)
+    if not filename or filename.startswith("<frozen"):
+        return True
+    path = os.path.realpath(filename)
+    return path.startswith(_TORCH_DIR) or (path.startswith(_STDLIB_DIRS) and not any(d in path for d in _PACKAGE_DIRS))
 
 
 def _is_library_class(cls: type) -> bool:
@@ -111,8 +116,8 @@ class _Fingerprint:
                               types.WrapperDescriptorType, types.MethodWrapperType, types.MethodDescriptorType,
                               types.GetSetDescriptorType, types.MemberDescriptorType, weakref.ref)):
             return kind, id(value)
-        if _is_library_class(kind) and callable(value):
-            return kind, id(value)  # torch's ops (torch.ops.aten.add), operator.itemgetter and the like
+        if callable(value) and (_is_library_class(kind) or not hasattr(value, "__dict__")):
+            return kind, id(value)  # torch's ops (torch.ops.aten.add), numpy's ufuncs, operator.itemgetter
         if type(value).__module__ == "numpy" and hasattr(value, "tobytes"):
             if value.size > 1024:
                 raise _Unguardable("a numpy array of more than 1024 elements")
