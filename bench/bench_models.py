@@ -564,28 +564,24 @@ def step(group, fn, f, b):
             return fn(f, b)
 
 
-def check_derivatives(row, points, f, b):
-    """Every derivative group's methods against the float64 oracle (training steps: check_training)."""
-    f64, b64 = build(row, torch.float64), make_batch(row, points, torch.float64)
-    oracles = {}
-    for gname, group in row.groups.items():
-        if group.train:
-            continue
-        oracle = group.oracle or oracle_jacobian
-        if oracle not in oracles:
-            oracles[oracle] = oracle(f64, b64).detach()
-        expected = group.expected(oracles[oracle], b64)
-        fc, bc = (f64, b64) if row.check_float64 else (f, b)
-        for name, fn in group.methods.items():
-            check(f"{gname} / {name}", step(group, fn, fc, bc).reshape(expected.shape), expected)
-
-
 def measure(row, points, repeats):
     """{group: {method: seconds}}, every derivative checked against the float64 oracle first."""
     f, b = build(row), make_batch(row, points)
-    check_derivatives(row, points, f, b)
-    return {gname: {name: timeit(lambda fn=fn: step(group, fn, f, b), repeats) for name, fn in group.methods.items()}
-            for gname, group in row.groups.items()}
+    f64, b64 = build(row, torch.float64), make_batch(row, points, torch.float64)
+    oracles = {}
+    out = {}
+    for gname, group in row.groups.items():
+        if not group.train:
+            oracle = group.oracle or oracle_jacobian
+            if oracle not in oracles:
+                oracles[oracle] = oracle(f64, b64).detach()
+            expected = group.expected(oracles[oracle], b64)
+            fc, bc = (f64, b64) if row.check_float64 else (f, b)
+            for name, fn in group.methods.items():
+                check(f"{gname} / {name}", step(group, fn, fc, bc).reshape(expected.shape), expected)
+        out[gname] = {name: timeit(lambda fn=fn: step(group, fn, f, b), repeats)
+                      for name, fn in group.methods.items()}
+    return out
 
 
 @contextlib.contextmanager

@@ -664,3 +664,31 @@ def test_forms_that_are_not_linear_layers_take_the_generic_path(make):
     assert torchjac.explain(f).path == "generic"
     x = _points()
     _check_values(f, x)
+
+
+class _InstanceForwardField(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.last, self.act = nn.Linear(3, 8), nn.Linear(8, 3), nn.Softplus(beta=10.0)
+
+    def forward(self, x):
+        return self.last(self.act(self.first(x)))
+
+
+def _half_forward(self, x):
+    return self.last(self.act(self.first(x))) * 0.5
+
+
+def test_a_forward_set_on_the_instance_is_called_by_the_generic_path():
+    """torch.fx traces the class's forward, and the fused path reads layers by type; the instance's forward is
+    the one the model runs (it was silently ignored)."""
+    import types
+    torch.manual_seed(0)
+    f, x = _InstanceForwardField().double(), torch.randn(40, 3, dtype=torch.float64)
+    f.forward = types.MethodType(_half_forward, f)
+    assert torchjac.explain(f, x)[0] == "generic"
+    assert_close64(torchjac.jacobian(f, x), oracle_jacobian(f, x)[1])
+    del f.forward
+    f.act.forward = torch.tanh  # on a layer the fused path reads by its type
+    assert torchjac.explain(f, x)[0] == "generic"
+    assert_close64(torchjac.jacobian(f, x), oracle_jacobian(f, x)[1])

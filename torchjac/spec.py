@@ -14,8 +14,7 @@ hooks runs on the generic path, which calls it as the user does.
 Parameters are read at every call (never cached), so parametrizations such as
 weight_norm (the parametrization and the older hook), ``torch.func.functional_call``
 and in-place weight updates all see the current values and gradients reach the
-real parameters. What torch.fx recognizes of a module is kept between calls while
-nothing it read has changed (torchjac/recipe_cache.py).
+real parameters.
 """
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -26,7 +25,7 @@ from torch.nn.utils.weight_norm import WeightNorm  # the older weight_norm's for
 from . import activations as act
 from .encoding import FrequencyEncoding
 from .mlp import PointMLP
-from . import cond_program, recipe_cache
+from . import cond_program
 from .cond_program import ValueRef
 from .trace import NotFusable, Recipe, recognize
 
@@ -355,12 +354,10 @@ class Recognition(NamedTuple):
 def _recognize(f: nn.Module, has_cond: bool, ndim: Optional[int] = None, shapes=None, call=None) -> Recognition:
     # Evaluated once while torch.compile traces: the result is plain Python values. It returns, never
     # raises, the reason a model is not recognized: torch.compile cannot trace an exception out of here.
-    def now():
-        try:
-            return Recognition(recognize(f, has_cond, ndim, shapes, call), "")
-        except NotFusable as e:
-            return Recognition(None, str(e))
-    return recipe_cache.recognition(f, (has_cond, ndim, shapes, call), now)
+    try:
+        return Recognition(recognize(f, has_cond, ndim, shapes, call), "")
+    except NotFusable as e:
+        return Recognition(None, str(e))
 
 
 def call_shapes(x: torch.Tensor, cond: Optional[torch.Tensor], cond_features: int) -> tuple:
