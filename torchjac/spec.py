@@ -131,18 +131,19 @@ def call_time_reason(f: nn.Module) -> Optional[str]:
         if getattr(nn.modules.module, name, None):
             return "global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"
     for name, m in f.named_modules():
-        where = f"module {name!r} ({type(m).__name__})" if name else f"{type(m).__name__}"
         kinds = [kind for kind, hooks in (("forward", m._forward_hooks), ("backward", m._backward_hooks),
                                           ("backward pre-", getattr(m, "_backward_pre_hooks", {})))
                  if hooks]
         if any(not isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values()):
             kinds.append("forward pre-")
         if kinds:
-            return (f"{where} has {' and '.join(k + 'hooks' for k in kinds)}, which run only when the module "
-                    f"is called; the generic path calls it")
-        if "forward" in vars(m):
-            return (f"{where} has a forward set on the instance, which replaces its class's forward only when "
-                    f"the module is called; the generic path calls it")
+            what = f"{' and '.join(k + 'hooks' for k in kinds)}, which run"
+        elif "forward" in vars(m):
+            what = "a forward set on the instance, which replaces its class's forward"
+        else:
+            continue
+        where = f"module {name!r} ({type(m).__name__})" if name else f"{type(m).__name__}"
+        return f"{where} has {what} only when the module is called; the generic path calls it"
     return None
 
 
