@@ -95,7 +95,8 @@ def test_ops_keeping_states(mode):
     args = sample_inputs(mode)
     torch.library.opcheck(getattr(torch.ops.torchjac, f"mlp_{mode}").default, (*args, True))
     y, out, states = getattr(torch.ops.torchjac, f"mlp_{mode}")(*args, True)
-    assert states.numel() == (0 if mode == "jacobian" else 6 * (6 + 5 + 1))  # the reverse mode keeps each z
+    # The reverse mode keeps each layer's z, and the cotangent row (d_out = 1) entering each layer after the first.
+    assert states.numel() == (0 if mode == "jacobian" else 6 * (6 + 5 + 1) + 6 * (6 + 5))
     grad_y = torch.randn_like(y).requires_grad_()
     grad_out = torch.randn_like(out).requires_grad_()
     # Schema and fake kernel only: opcheck's autograd checks of a backward op run double backward, which
@@ -107,5 +108,5 @@ def test_ops_keeping_states(mode):
 def test_backward_op_rejects_states_of_the_wrong_size():
     args = sample_inputs("jacobian_reverse")
     y, out, states = torch.ops.torchjac.mlp_jacobian_reverse(*args, True)
-    with pytest.raises(ValueError, match=r"mlp_jacobian_reverse_backward: states expected .* 72 elements"):
+    with pytest.raises(ValueError, match=r"mlp_jacobian_reverse_backward: states expected .* 138 elements"):
         torch.ops.torchjac.mlp_jacobian_reverse_backward(y, out, *args, states[:-1])

@@ -91,7 +91,7 @@ def test_backward_from_kept_states_equals_recomputing(name, many_chunks):
     spec = torchjac.spec.lower(f, x, 2)
     args = (x, cond, *spec.op_args())
     y, jac, states = torch.ops.torchjac.mlp_jacobian_reverse(*args, True)
-    assert states.numel() == 120 * (9 + 7 + 5 + 2)
+    assert states.numel() == 120 * (9 + 7 + 5 + 2) + 2 * 120 * (9 + 7 + 5)  # z per layer, 2 cotangent rows
     grad_y, grad_jac = torch.randn_like(y), torch.randn_like(jac)
     from_states = torch.ops.torchjac.mlp_jacobian_reverse_backward(grad_y, grad_jac, *args, states)
     recomputed = torch.ops.torchjac.mlp_jacobian_reverse_backward(grad_y, grad_jac, *args)

@@ -25,10 +25,10 @@ Backward: the hand-written reverse of the tangent pass. It needs each layer's
 input rows and pre-activations, then walks back through the layers. It needs
 the activations' second derivative, because ``t`` depends on ``z`` via ``act'``,
 and for the second-order rows the third, because ``s`` depends on it via ``act''``.
-The reverse mode's forward can keep each layer's pre-activation ``z``
-(``kept_shapes``); its backward then rebuilds the layer inputs from them
-elementwise and repeats just the GEMMs of the tangent rows. Without them it
-recomputes the forward.
+The reverse mode's forward can keep each layer's pre-activation ``z`` and the
+cotangent rows it carried back (``kept_shapes``); its backward then rebuilds the
+layer inputs from them elementwise, repeats just the GEMMs of the tangent rows,
+and carries back only the value row. Without them it recomputes the forward.
 
 Both functions are built from differentiable ops, so double backward is autograd
 through ``backward``. The CPU kernels run them below autograd with
@@ -124,16 +124,30 @@ def rows_per_point(mode: str, d_in: int, d_out: int, tangents: Optional[torch.Te
 
 
 def kept_shapes(mode: str, n_points: int, weights):
-    """Shape (1, P, out_i) of the pre-activations z the forward keeps of each layer for the backward; [] if none.
+    """Shapes of what the forward keeps for the backward; [] if nothing. The reverse mode keeps each layer's
+    pre-activation z, (1, P, out_i), then the d_out cotangent rows it carried back into each layer i > 0,
+    (d_out, P, in_i) (``split_kept``).
 
-    Only the reverse mode keeps them: its backward, a jvp pass, then multiplies just its tangent rows, which
-    made an IGR-style 3-512x8-1 eikonal step 8-10% faster on a 2-core CPU (bench/bench_kept_states.py). The
+    Its backward is a jvp pass whose tangents are J's cotangent: with z kept it multiplies just its tangent
+    rows, which made an IGR-style 3-512x8-1 eikonal step 8-10% faster on a 2-core CPU
+    (bench/bench_kept_states.py). Walking back, its tangent rows' cotangents are the forward's cotangent rows
+    again (both start from e_j at the output and are scaled by the same slopes), so with those kept it carries
+    back only the value row: one GEMM row per layer fewer, 6 GEMM passes per eikonal step instead of 7. The
     forward modes recompute: keeping their z (or all their rows) made the 3-128x4-3 Jacobian penalty step
     slower there in two tries, writing and reading the kept values costing more than the 128-wide GEMMs.
     """
     if mode != "jacobian_reverse":
         return []
-    return [(1, n_points, w.shape[0]) for w in weights]
+    d_out = weights[-1].shape[0]
+    return ([(1, n_points, w.shape[0]) for w in weights]
+            + [(d_out, n_points, w_in.shape[0]) for w_in in weights[:-1]])
+
+
+def split_kept(kept, n_layers: int):
+    """(pre-activations z per layer, cotangent rows entering each layer i > 0 at index i - 1) of kept_shapes."""
+    if kept is None:
+        return None, None
+    return kept[:n_layers], kept[n_layers:] or None
 
 
 class LayerState(NamedTuple):
@@ -256,9 +270,10 @@ def _propagate(x, cond, weights, biases, activations, activation_params, skip_la
         rows = _with_curvature(_stack_rows(h, tz, scale, differentiable), d2, q, differentiable)
 
 
-def _pull_back(x, cond, weights, biases, activations, activation_params, skip_layers, keep_z=False):
-    """The output value y (P, d_out), J (d_out, P, d_in) from d_out cotangent rows carried back, and with keep_z
-    each layer's pre-activation z (P, out_i), else []."""
+def _pull_back(x, cond, weights, biases, activations, activation_params, skip_layers, keep=False):
+    """The output value y (P, d_out), J (d_out, P, d_in) from d_out cotangent rows carried back, and with keep
+    what kept_shapes lists: each layer's pre-activation z (P, out_i), then the cotangent rows (d_out, P, in_i)
+    entering each layer i > 0; else []."""
     n_points, d_in = x.shape
     inp = torch.cat([x, cond], 1) if cond.shape[1] else x
     non_finite = non_finite_points(inp, 1, keepdim=True)
@@ -269,13 +284,14 @@ def _pull_back(x, cond, weights, biases, activations, activation_params, skip_la
         z = torch.addmm(b, h, w[:, :n_h].t())
         if i in skip_layers:
             z = z + inp @ w[:, n_h:].t()
-        if keep_z:
+        if keep:
             pre.append(z)
         h, slope = _activation_terms(code, p0, p1, z, non_finite if i == 0 else None, (0, 1))
         slopes.append(slope)
     d_out = h.shape[1]
     g = torch.eye(d_out, dtype=x.dtype, device=x.device).unsqueeze(1)  # (d_out, 1, d_out): e_j at every point
     jac = None
+    cotangents = [None] * (len(weights) - 1)
     for i in reversed(range(len(weights))):
         w, slope = weights[i], slopes[i]
         g_z = (g if slope is None else g * slope).expand(d_out, n_points, w.shape[0])
@@ -286,7 +302,8 @@ def _pull_back(x, cond, weights, biases, activations, activation_params, skip_la
             jac = term if jac is None else jac + term
         if i > 0:
             g = g_z @ w[:, :n_h]
-    return h, jac, pre
+            cotangents[i - 1] = g
+    return h, jac, pre + cotangents if keep else pre
 
 
 def reduce_tangents(mode: str, t: torch.Tensor, tangents: Optional[torch.Tensor],
@@ -334,14 +351,14 @@ def forward(mode, x, cond, weights, biases, activations, activation_params, skip
             differentiable=True, keep_into=None):
     """(y, out) of one op on flat rows. ``tangents`` is the jvp tangents or the Hutchinson noise.
 
-    keep_into: tensors shaped as kept_shapes says, into which each layer's pre-activation z is written.
+    keep_into: tensors shaped as kept_shapes says, into which the forward writes what the backward reuses.
     ``differentiable=False`` lets the pass write into its buffers in place; the kernels use it below autograd.
     """
     if mode == "jacobian_reverse":
-        y, jac, pre = _pull_back(x, cond, weights, biases, activations, activation_params, skip_layers,
-                                 keep_z=keep_into is not None)
-        for dst, z in zip(keep_into or (), pre):
-            dst[0] = z
+        y, jac, kept = _pull_back(x, cond, weights, biases, activations, activation_params, skip_layers,
+                                  keep=keep_into is not None)
+        for dst, value in zip(keep_into or (), kept):
+            dst.copy_(value)
         return y, jac.transpose(0, 1)
     v = None if mode in BASIS_MODES else tangents
     second = second_order(mode, x.shape[1], v, x.device)
@@ -359,10 +376,13 @@ class Grads(NamedTuple):
 
 
 def backward(mode, grad_y, grad_out, x, cond, weights: Sequence[torch.Tensor], biases, activations,
-             activation_params, skip_layers, tangents=None, *, differentiable=True, kept=None) -> Grads:
+             activation_params, skip_layers, tangents=None, *, differentiable=True, kept=None,
+             kept_cotangents=None) -> Grads:
     """Gradients of <grad_y, y> + <grad_out, out> w.r.t. x, cond, weights, biases and jvp tangents.
 
-    kept: the forward's pre-activations (forward's keep_into), or None to recompute them.
+    kept: what the forward kept (its keep_into), or None to recompute it. kept_cotangents (jvp, from the reverse
+    mode): the cotangents of the tangent rows entering each layer i > 0, known, so only the value row is
+    carried back.
     With ``differentiable=True`` (double backward) autograd can run through it; kept z would be constants
     there, cutting their dependence on x and the weights, so that takes none.
     """
@@ -372,8 +392,9 @@ def backward(mode, grad_y, grad_out, x, cond, weights: Sequence[torch.Tensor], b
     if mode == "jacobian_reverse":  # <grad_out, J> = sum_j (J grad_out_j)_j: a jvp with one tangent per output
         d_out = grad_out.shape[1]
         eye = torch.eye(d_out, dtype=x.dtype, device=x.device).expand(x.shape[0], d_out, d_out)
+        pre, cotangents = split_kept(kept, len(weights))
         g = backward("jvp", grad_y, eye, x, cond, weights, biases, activations, activation_params, skip_layers,
-                     grad_out, differentiable=differentiable, kept=kept)
+                     grad_out, differentiable=differentiable, kept=pre, kept_cotangents=cotangents)
         return g._replace(tangents=None)
     v = None if mode in BASIS_MODES else tangents
     n_points, d_in = x.shape
@@ -429,8 +450,11 @@ def backward(mode, grad_y, grad_out, x, cond, weights: Sequence[torch.Tensor], b
         n_h = rows.shape[2]
         g_rows = g_rows.view(-1, w.shape[0])
         g_w_h = g_rows.t() @ rows.view(-1, n_h)  # one GEMM over all rows
-        g_prev = (g_rows @ w[:, :n_h]).view(rows.shape)  # one GEMM over all rows
-        g_h, g_t = g_prev[0], g_prev[1:]
+        if kept_cotangents is None:
+            g_prev = (g_rows @ w[:, :n_h]).view(rows.shape)  # one GEMM over all rows
+            g_h, g_t = g_prev[0], g_prev[1:]
+        else:
+            g_h, g_t = g_rows[:n_points] @ w[:, :n_h], kept_cotangents[i - 1]
         if i in skip_layers:
             g_weights[i] = torch.cat([g_w_h, input_grads(w[:, n_h:], g_z, g_tz)], 1)
         else:
