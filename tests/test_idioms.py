@@ -692,3 +692,48 @@ def test_a_forward_set_on_the_instance_is_called_by_the_generic_path():
     f.act.forward = torch.tanh  # on a layer the fused path reads by its type
     assert torchjac.explain(f, x).path == "generic"
     _check_values(f, x)
+
+
+class _DtypeBranch(_InstanceForwardField):
+    def forward(self, x):
+        scale = 2.0 if x.dtype == torch.float64 else 0.5
+        return self.last(self.act(self.first(x * scale)))
+
+
+class _DeviceBranch(_InstanceForwardField):
+    def forward(self, x):
+        scale = 2.0 if x.device.type == "cpu" else 0.5
+        return self.last(self.act(self.first(x * scale)))
+
+
+class _OwnCall(_InstanceForwardField):
+    def __call__(self, x):
+        return super().__call__(x) * 2.0
+
+
+@pytest.mark.parametrize("model", [_DtypeBranch, _DeviceBranch, _OwnCall], ids=lambda m: m.__name__)
+def test_what_recognition_cannot_see_is_called_by_the_generic_path(model):
+    """Found in review, each a wrong Jacobian before: a branch on x.dtype or x.device, which recognition
+    evaluated on meta tensors of the default dtype; a __call__ of the model's own, which torch.fx skips."""
+    torch.manual_seed(0)
+    f, x = model().double(), _points(40)
+    assert torchjac.explain(f, x).path == "generic"
+    _check_values(f, x)
+
+
+def test_a_replaced_library_forward_is_called_by_the_generic_path(monkeypatch):
+    """nn.Linear.forward (or nn.Module.__call__) replaced by the user: the fused path reads Linear layers by
+    their type, so it gave the unpatched model's Jacobian."""
+    torch.manual_seed(0)
+    f, x = _InstanceForwardField().double(), _points(40)
+    linear = nn.Linear.forward
+    monkeypatch.setattr(nn.Linear, "forward", lambda self, h: linear(self, h) * 2.0)
+    assert torchjac.explain(f, x).path == "generic"
+    _check_values(f, x)
+    monkeypatch.undo()
+    call = nn.Module.__call__
+    monkeypatch.setattr(nn.Module, "__call__", lambda self, *a: call(self, *a) * 2.0)
+    assert torchjac.explain(f, x).path == "generic"
+    _check_values(f, x)
+    monkeypatch.undo()
+    assert torchjac.explain(f, x).path == "fused"

@@ -16,6 +16,8 @@ weight_norm (the parametrization and the older hook), ``torch.func.functional_ca
 and in-place weight updates all see the current values and gradients reach the
 real parameters.
 """
+import os
+import sys
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -123,13 +125,31 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
                  "_global_backward_pre_hooks")
 
 
+_MODULE_CALL = (nn.Module.__call__, nn.Module._call_impl)  # as torch defines them
+# As the code objects name their files (no realpath: it runs at every call, under torch.compile too).
+_OWN_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
+
+
+def _replaced_library_forward(m: nn.Module) -> bool:
+    """Whether m is of a torch or torchjac class (the fused path reads those by type) whose forward someone has
+    replaced (nn.Linear.forward = ...)."""
+    cls = type(m)
+    if not cls.__module__.startswith(("torch.", "torchjac.")):
+        return False
+    code = getattr(cls.forward, "__code__", None)
+    return code is None or not code.co_filename.startswith(_OWN_DIRS)
+
+
 def call_time_reason(f: nn.Module) -> Optional[str]:
     """Why f cannot be lowered because of what runs only when a module is called, or None: hooks (the older
-    weight_norm's hook is the one whose effect the fused ops reproduce), or a forward set on the instance,
-    which torch.fx and the Sequential reader, both reading the class, would not see. The generic path calls f."""
+    weight_norm's hook is the one whose effect the fused ops reproduce), a forward set on the instance, which
+    torch.fx and the Sequential reader, both reading the class, would not see, a __call__ other than
+    nn.Module's, or a torch layer whose forward was replaced. The generic path calls f."""
     for name in _GLOBAL_HOOKS:
         if getattr(nn.modules.module, name, None):
             return "global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"
+    if (nn.Module.__call__, nn.Module._call_impl) != _MODULE_CALL:
+        return "nn.Module.__call__ has been replaced, and torch.fx and the fused ops do not run it"
     for name, m in f.named_modules():
         kinds = [kind for kind, hooks in (("forward", m._forward_hooks), ("backward", m._backward_hooks),
                                           ("backward pre-", getattr(m, "_backward_pre_hooks", {})))
@@ -140,6 +160,11 @@ def call_time_reason(f: nn.Module) -> Optional[str]:
             what = f"{' and '.join(k + 'hooks' for k in kinds)}, which run"
         elif "forward" in vars(m):
             what = "a forward set on the instance, which replaces its class's forward"
+        elif type(m).__call__ is not _MODULE_CALL[0]:
+            what = f"a __call__ of its own ({type(m).__qualname__}.__call__), which runs"
+        elif _replaced_library_forward(m):
+            what = f"a replaced {type(m).__qualname__}.forward, which the fused path, reading the layer by its type, " \
+                   f"does not run; it runs"
         else:
             continue
         where = f"module {name!r} ({type(m).__name__})" if name else f"{type(m).__name__}"

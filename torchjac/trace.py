@@ -184,6 +184,9 @@ _REDUCE_UNITS = {torch.sum: "sum", "sum": "sum", torch.mean: "mean", "mean": "me
 
 _SHAPE = {"size", "dim", operator.getitem, getattr}
 _SHAPE_ATTRIBUTES = ("shape", "ndim", "dtype", "device")
+# What a branch may read of a tensor that the meta samples of _ShapeTracer do not have as the call's x does.
+_DTYPE_ATTRIBUTES = ("dtype", "device", "is_cuda", "is_cpu", "is_meta", "is_sparse", "is_quantized", "layout")
+_DTYPE_METHODS = ("type", "is_floating_point", "is_complex", "element_size", "get_device", "is_signed")
 _DROPOUT = {F.dropout, torch.dropout, "dropout"}
 
 
@@ -964,6 +967,13 @@ class _ShapeTracer(torch.fx.Tracer):
                              f"needs control flow that is the same for every number of points")
         return values[0]
 
+    @staticmethod
+    def _dtype_refusal(node, what: str) -> str:
+        # The samples are meta tensors of the default dtype: a branch on x.dtype or x.device would be taken for
+        # them, not for the call's x.
+        return (f"node {node.name!r}: the forward's control flow reads {what} of a tensor, which torchjac does not "
+                f"evaluate at recognition; the generic path runs the forward as written")
+
     def _meta_value(self, node, sample, env):
         if node.name in env:
             return env[node.name]
@@ -979,8 +989,12 @@ class _ShapeTracer(torch.fx.Tracer):
             value = operator.attrgetter(node.target)(self.root)
             value = value.to("meta") if torch.is_tensor(value) else value
         elif node.op == "call_function":
+            if node.target is getattr and node.args[1] in _DTYPE_ATTRIBUTES:
+                raise NotFusable(self._dtype_refusal(node, f".{node.args[1]}"))
             value = node.target(*args, **kwargs)
         elif node.op == "call_method":
+            if node.target in _DTYPE_METHODS:
+                raise NotFusable(self._dtype_refusal(node, f".{node.target}()"))
             value = getattr(args[0], node.target)(*args[1:], **kwargs)
         else:  # a module's call would be traced again, and modules rarely compute shapes
             raise NotFusable(f"node {node.name!r}: control flow on the output of the module {node.target!r}")
